@@ -1,0 +1,81 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace resfast {
+
+Activation parse_activation(c10::string_view activation) {
+  if (activation == "identity") return Activation::Identity;
+  if (activation == "relu") return Activation::ReLU;
+  if (activation == "silu") return Activation::SiLU;
+  TORCH_CHECK_VALUE(false, "activation: expected 'identity', 'relu' or 'silu', got '",
+                    std::string(activation), "'");
+}
+
+void check_activation_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, name, ": expected a 4-D (N, C, H, W) tensor, got ", x.dim(),
+                    "-D with shape ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
+                   name, ": expected float32, float16, bfloat16 or float64, got ", t);
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                       const at::Tensor& shift) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const auto acc = accumulation_type(x.scalar_type());
+  const std::pair<const at::Tensor*, const char*> params[] = {
+      {&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}};
+  for (const auto& [p, name] : params) {
+    const bool per_channel = p->dim() == 1 && p->size(0) == c;
+    const bool per_sample = p->dim() == 2 && p->size(0) == n && p->size(1) == c;
+    TORCH_CHECK_VALUE(per_channel || per_sample, name, ": expected shape (", c, ",) or (", n, ", ",
+                      c, ") for input of shape ", x.sizes(), ", got ", p->sizes());
+    TORCH_CHECK_TYPE(p->scalar_type() == acc, name, ": expected dtype ", acc, " for input dtype ",
+                     x.scalar_type(), ", got ", p->scalar_type());
+    TORCH_CHECK_VALUE(p->device() == x.device(), name, ": expected device ", x.device(), ", got ",
+                      p->device());
+  }
+  TORCH_CHECK_VALUE(mean.sizes() == scale.sizes() && scale.sizes() == shift.sizes(),
+                    "mean, scale and shift: expected one shape, got ", mean.sizes(), ", ",
+                    scale.sizes(), ", ", shift.sizes());
+}
+
+void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
+                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(weight.dim() == 4, "weight: expected a 4-D (out_channels, in_channels/groups, kH, kW) tensor, got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight: expected device ", x.device(), ", got ",
+                    weight.device());
+  TORCH_CHECK_VALUE(groups > 0, "groups: expected a positive integer, got ", groups);
+  TORCH_CHECK_VALUE(x.size(1) % groups == 0 && weight.size(0) % groups == 0,
+                    "groups: expected to divide in_channels (", x.size(1), ") and out_channels (",
+                    weight.size(0), "), got ", groups);
+  TORCH_CHECK_VALUE(weight.size(1) * groups == x.size(1), "weight: expected in_channels/groups = ",
+                    x.size(1) / groups, " in dim 1 for input of shape ", x.sizes(), ", got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
+                    "stride: expected two positive integers, got ", stride);
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+                    "padding: expected two non-negative integers, got ", padding);
+  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+                    "dilation: expected two positive integers, got ", dilation);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1);
+    TORCH_CHECK_VALUE(extent > 0, "input: spatial size ", x.sizes(),
+                      " (padded) is smaller than the dilated kernel ", weight.sizes());
+  }
+}
+
+void check_compute_dtype(const at::Tensor& x, const at::Tensor& weight) {
+  const auto xt = x.scalar_type(), wt = weight.scalar_type();
+  const bool autocast_pair = xt == at::kFloat && (wt == at::kHalf || wt == at::kBFloat16);
+  TORCH_CHECK_TYPE(xt == wt || autocast_pair, "weight: expected dtype ", xt,
+                   " (or float16/bfloat16 with float32 input), got ", wt);
+}
+
+}  // namespace resfast

@@ -1,0 +1,32 @@
+// Argument checks shared by the C++ kernels of every backend. They raise
+// ValueError/TypeError in Python, naming the argument and the expectation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include "norm_act_math.h"
+
+namespace resfast {
+
+Activation parse_activation(c10::string_view activation);
+
+// (N, C, H, W) with a float dtype the kernels support.
+void check_activation_input(const at::Tensor& x, const char* name);
+
+// mean/scale/shift: (C,) or (N, C) of the accumulation dtype of x.
+void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                       const at::Tensor& shift);
+
+void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
+                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups);
+
+// float64 for float64 input, else float32.
+at::ScalarType accumulation_type(at::ScalarType t);
+
+// The dtype the convolution runs in: weight's. x must be weight's dtype, or
+// float32 with a half/bfloat16 weight (autocast).
+void check_compute_dtype(const at::Tensor& x, const at::Tensor& weight);
+
+}  // namespace resfast

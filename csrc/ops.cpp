@@ -1,0 +1,31 @@
+// The one place resfast's operator schemas are defined. Kernels are registered
+// per backend: csrc/cpu (C++), csrc/cuda (CUDA C++), and resfast/ops (Triton,
+// fake and autograd registrations, from Python).
+#include <torch/library.h>
+
+TORCH_LIBRARY(resfast, m) {
+  // Per-channel mean and biased variance over (N, H, W), in float32 (float64
+  // for float64 input).
+  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("channel_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
+
+  // y = conv2d(act((x - mean) * scale + shift), weight, bias) + residual.
+  // mean/scale/shift are per channel, shape (C,), or per sample and channel,
+  // shape (N, C). The activation is rounded to weight's dtype before the
+  // convolution, so x may be float32 with a half/bfloat16 weight (autocast).
+  m.def(
+      "norm_act_conv2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
+      "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, str activation) -> Tensor");
+  // grad_x = dz * scale with dz = act'(z) * conv2d_input_grad(grad_out);
+  // grad_scale = sum(dz * (x - mean)), grad_shift = sum(dz), shaped like scale.
+  m.def(
+      "norm_act_conv2d_backward_input(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
+      "Tensor shift, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "str activation) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
+  // The convolution's weight gradient, recomputing act(z) from x.
+  m.def(
+      "norm_act_conv2d_backward_weight(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
+      "Tensor shift, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "str activation) -> Tensor");
+}

@@ -1,0 +1,76 @@
+"""BNReLUConv2d: the fused pre-activation unit as a drop-in module."""
+
+import torch
+from torch import nn
+
+from resfast import ops
+
+
+def _check_conv_module(conv: nn.Conv2d):
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        raise TypeError(f"conv: expected a plain nn.Conv2d, got {type(conv).__name__}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
+
+
+class BNReLUConv2d(nn.Module):
+    """conv(relu(bn(x))) with the normalised activation never stored.
+
+    Holds an `nn.BatchNorm2d` (`bn`) and an `nn.Conv2d` (`conv`) for their
+    parameters and buffers, so state dicts match `nn.Sequential(bn, ReLU, conv)`
+    keyed `bn.*` / `conv.*`; the forward runs one fused resfast op instead of
+    calling them. `forward(x, residual=None)` adds `residual` to the output in
+    the convolution's epilogue.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False,
+                 eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, activation="relu", device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        bn = nn.BatchNorm2d(in_channels, eps, momentum, affine, track_running_stats, **factory)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
+        self._adopt(bn, conv, activation)
+
+    def _adopt(self, bn, conv, activation):
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn: expected an nn.BatchNorm2d, got {type(bn).__name__}")
+        _check_conv_module(conv)
+        if bn.num_features != conv.in_channels:
+            raise ValueError(f"bn: expected num_features = conv.in_channels = {conv.in_channels}, "
+                             f"got {bn.num_features}")
+        ops.functional.check_activation(activation)
+        self.bn = bn
+        self.conv = conv
+        self.activation = activation
+        self._padding = ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation="relu"):
+        """A unit that takes over `bn` and `conv` (their parameters and buffers
+        are shared, not copied)."""
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit._adopt(bn, conv, activation)
+        return unit
+
+    def _batch_norm_args(self):
+        """What nn.BatchNorm2d.forward passes to F.batch_norm, with its
+        num_batches_tracked and cumulative-average bookkeeping."""
+        bn = self.bn
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
+        keep_running = not self.training or bn.track_running_stats
+        return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
+                bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        conv = self.conv
+        return ops.batch_norm_act_conv2d(x, *self._batch_norm_args(), conv.weight, conv.bias, conv.stride,
+                                         self._padding, conv.dilation, conv.groups, self.activation, residual)
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}"

@@ -1,0 +1,17 @@
+"""resfast's op layer: the registered ops (torch.ops.resfast.*), their fake and
+autograd registrations, the backend switch, and the functional API."""
+
+from resfast._extension import load as _load_extension
+
+_load_extension()
+
+from resfast.ops import library  # noqa: E402,F401  (registers fake, autograd and Triton kernels)
+from resfast.ops.backend import BACKENDS, backend  # noqa: E402
+from resfast.ops.functional import (  # noqa: E402
+    batch_norm_act_conv2d,
+    channel_stats,
+    conv_padding,
+    norm_act_conv2d,
+)
+
+__all__ = ["BACKENDS", "backend", "batch_norm_act_conv2d", "channel_stats", "conv_padding", "norm_act_conv2d"]

@@ -1,0 +1,127 @@
+"""The functional API: torch.nn.functional-style entry points that validate
+their arguments, handle autocast, and compose the registered resfast ops."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from resfast.ops.checks import (
+    check_activation,
+    check_activation_input,
+    check_channel_vector,
+    check_conv_args,
+    check_same_device,
+)
+from resfast.ops.layout import accumulation_dtype
+
+ops = torch.ops.resfast
+_ACTIVATIONS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}
+
+
+def conv_padding(padding, kernel_size, dilation):
+    """nn.Conv2d's padding argument (int, pair, 'valid' or 'same') as a pair of ints."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"padding: 'same' needs symmetric padding, which kernel_size {tuple(kernel_size)} with "
+                             f"dilation {tuple(dilation)} does not give; pad explicitly")
+        return tuple(t // 2 for t in total)
+    if isinstance(padding, str):
+        raise ValueError(f"padding: expected an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    return _pair(padding)
+
+
+def channel_stats(x):
+    """Per-channel mean and biased variance of an (N, C, H, W) tensor over (N, H, W)."""
+    check_activation_input(x)
+    return ops.channel_stats(x)
+
+
+def _autocast_compute(x, weight, bias, residual):
+    """The dtypes the torch modules would compute in under autocast: the
+    convolution in the autocast dtype, the normalisation in float32."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return x, weight, bias, residual
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if x.dtype not in (torch.float32, dtype):
+        x = x.float()
+    return x, weight, bias, residual
+
+
+def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
+                    groups=1, activation="relu"):
+    """conv2d(act((x - mean) * scale + shift), weight, bias) + residual, fused:
+    the normalised activation is never stored; backward recomputes it."""
+    check_activation_input(x)
+    check_activation(activation)
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = conv_padding(padding, weight.shape[2:], dilation)
+    check_conv_args(x, weight, stride, padding, dilation, groups)
+    check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual)
+    x, weight, bias, residual = _autocast_compute(x, weight, bias, residual)
+    fused_residual = residual if residual is not None and residual.dtype == weight.dtype else None
+    y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, fused_residual, list(stride), list(padding),
+                            list(dilation), groups, activation)
+    if residual is not None and fused_residual is None:
+        y = y + residual  # mixed dtypes (autocast): promote as eager torch does
+    return y
+
+
+def _check_finite(name, value, low=None):
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
+        raise ValueError(f"{name}: expected a finite number{'' if low is None else f' >= {low}'}, got {value!r}")
+
+
+def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
+                          bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None):
+    """conv2d(act(batch_norm(x)), weight, bias) + residual in one fused unit.
+
+    The BatchNorm arguments mean what they mean for F.batch_norm: with
+    training=True the batch statistics are used and, when given, running_mean
+    and running_var are updated in place with `momentum` (unbiased variance);
+    otherwise the running statistics are used.
+    """
+    check_activation_input(x)
+    check_activation(activation)
+    _check_finite("eps", eps, low=0)
+    if training and running_mean is not None:
+        _check_finite("momentum", momentum)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias)):
+        check_channel_vector(x, name, t)
+    check_same_device(x, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean, running_var: expected tensors when training=False")
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if training and count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if x.numel() == 0:
+        # Nothing to fuse: eager torch defines what an empty batch returns.
+        a = _ACTIVATIONS[activation](F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
+                                                  momentum, eps))
+        y = F.conv2d(a, weight, bias, stride, conv_padding(padding, weight.shape[2:], _pair(dilation)), dilation,
+                     groups)
+        return y if residual is None else y + residual
+
+    acc = accumulation_dtype(x.dtype)
+    if training:
+        mean, var = ops.channel_stats(x)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+                unbiased = var.detach() * (count / (count - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
+    shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.to(acc)
+    return norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                           activation)

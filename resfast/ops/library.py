@@ -1,0 +1,105 @@
+"""Python side of the op registrations whose schemas csrc/ops.cpp defines:
+fake (meta) kernels for torch.compile, autograd formulas written in terms of
+other resfast ops, and the Triton kernels as the CUDA implementation of the
+convolution ops."""
+
+import torch
+
+from resfast.ops.layout import accumulation_dtype, conv_output_size, kernel_format
+
+ops = torch.ops.resfast
+
+
+# ---------------------------------------------------------------- fake kernels
+@torch.library.register_fake("resfast::channel_stats")
+def _channel_stats_fake(x):
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+@torch.library.register_fake("resfast::channel_stats_backward")
+def _channel_stats_backward_fake(x, mean, grad_mean, grad_var):
+    return torch.empty_like(x, memory_format=kernel_format(x))
+
+
+@torch.library.register_fake("resfast::norm_act_conv2d")
+def _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                          activation):
+    oh, ow = conv_output_size(x, weight, stride, padding, dilation)
+    y = x.new_empty((x.shape[0], weight.shape[0], oh, ow), dtype=weight.dtype)
+    return y.contiguous(memory_format=kernel_format(x))
+
+
+@torch.library.register_fake("resfast::norm_act_conv2d_backward_input")
+def _norm_act_conv2d_backward_input_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
+                                         groups, activation):
+    grad_x = torch.empty_like(x, memory_format=kernel_format(x))
+    return grad_x, torch.empty_like(scale), torch.empty_like(scale)
+
+
+@torch.library.register_fake("resfast::norm_act_conv2d_backward_weight")
+def _norm_act_conv2d_backward_weight_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
+                                          groups, activation):
+    return torch.empty_like(weight, memory_format=kernel_format(weight))
+
+
+# ---------------------------------------------------------------- autograd
+def _channel_stats_setup(ctx, inputs, output):
+    (x,) = inputs
+    mean, _ = output
+    ctx.save_for_backward(x, mean)
+
+
+def _channel_stats_backward(ctx, grad_mean, grad_var):
+    x, mean = ctx.saved_tensors
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+    return ops.channel_stats_backward(x, mean, grad_mean.contiguous(), grad_var.contiguous())
+
+
+torch.library.register_autograd(
+    "resfast::channel_stats", _channel_stats_backward, setup_context=_channel_stats_setup
+)
+
+
+def _norm_act_conv2d_setup(ctx, inputs, output):
+    x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation = inputs
+    # Only x, the per-channel vectors and the weight: act(z) is recomputed.
+    ctx.save_for_backward(x, mean, scale, shift, weight)
+    ctx.conv_args = (stride, padding, dilation, groups, activation)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _norm_act_conv2d_backward(ctx, grad_out):
+    x, mean, scale, shift, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_out = grad_out.contiguous(memory_format=kernel_format(x))
+    grad_x = grad_mean = grad_scale = grad_shift = grad_weight = grad_bias = grad_residual = None
+    if any(needs[:4]):
+        grad_x, grad_scale, grad_shift = ops.norm_act_conv2d_backward_input(
+            grad_out, x, mean, scale, shift, weight, *ctx.conv_args
+        )
+        grad_mean = -scale * grad_shift
+    if needs[4]:
+        grad_weight = ops.norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight, *ctx.conv_args)
+    if needs[5]:
+        grad_bias = grad_out.sum((0, 2, 3), dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
+    if needs[6]:
+        grad_residual = grad_out
+    return grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "resfast::norm_act_conv2d", _norm_act_conv2d_backward, setup_context=_norm_act_conv2d_setup
+)
+
+
+# ---------------------------------------------------------------- Triton on CUDA
+def _register_triton_cuda_kernels():
+    from resfast.ops import triton_impl
+
+    for name in triton_impl.CUDA_OPS:
+        torch.library.register_kernel(f"resfast::{name}", "cuda", triton_impl.IMPLS[name])
+
+
+_register_triton_cuda_kernels()

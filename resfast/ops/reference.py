@@ -1,0 +1,70 @@
+"""Pure-torch implementations of the resfast ops: the oracle of the tests and a
+readable statement of what each kernel computes. Never the product path."""
+
+import torch
+import torch.nn.functional as F
+
+from resfast.ops.layout import accumulation_dtype, kernel_format
+
+
+def _per_element(p: torch.Tensor) -> torch.Tensor:
+    """(C,) or (N, C) parameters, broadcastable against (N, C, H, W)."""
+    return p[:, None, None] if p.dim() == 1 else p[:, :, None, None]
+
+
+def _activate(z, activation):
+    return {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}[activation](z)
+
+
+def _normalize(x, mean, scale, shift):
+    acc = accumulation_dtype(x.dtype)
+    return (x.to(acc) - _per_element(mean)) * _per_element(scale) + _per_element(shift)
+
+
+def channel_stats(x):
+    acc = accumulation_dtype(x.dtype)
+    var, mean = torch.var_mean(x.to(torch.float64), dim=(0, 2, 3), unbiased=False)
+    return mean.to(acc), var.to(acc)
+
+
+def channel_stats_backward(x, mean, grad_mean, grad_var):
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    g = (_per_element(grad_mean) + 2 * _per_element(grad_var) * (x.to(mean.dtype) - _per_element(mean))) / count
+    return g.to(x.dtype).contiguous(memory_format=kernel_format(x))
+
+
+def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation):
+    a = _activate(_normalize(x, mean, scale, shift), activation).to(weight.dtype)
+    y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    return y.contiguous(memory_format=kernel_format(x))
+
+
+def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
+                                   activation):
+    z = _normalize(x, mean, scale, shift).detach().requires_grad_()
+    with torch.enable_grad():
+        a = _activate(z, activation)
+    grad_a = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride, padding, dilation, groups)
+    (dz,) = torch.autograd.grad(a, z, grad_a.to(z.dtype))
+    centered = x.to(z.dtype) - _per_element(mean)
+    dims = (0, 2, 3) if scale.dim() == 1 else (2, 3)
+    grad_x = (dz * _per_element(scale)).to(x.dtype).contiguous(memory_format=kernel_format(x))
+    return grad_x, (dz * centered).sum(dims).to(scale.dtype), dz.sum(dims).to(scale.dtype)
+
+
+def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
+                                    activation):
+    a = _activate(_normalize(x, mean, scale, shift), activation).to(weight.dtype)
+    grad_w = torch.nn.grad.conv2d_weight(a, weight.shape, grad_out, stride, padding, dilation, groups)
+    return grad_w.to(weight.dtype).contiguous(memory_format=kernel_format(weight))
+
+
+IMPLS = {
+    "channel_stats": channel_stats,
+    "channel_stats_backward": channel_stats_backward,
+    "norm_act_conv2d": norm_act_conv2d,
+    "norm_act_conv2d_backward_input": norm_act_conv2d_backward_input,
+    "norm_act_conv2d_backward_weight": norm_act_conv2d_backward_weight,
+}

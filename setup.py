@@ -1,0 +1,86 @@
+"""Builds resfast._C: the C++ (always) and CUDA (when a toolkit is found) kernels.
+
+CUDA is built when torch is a CUDA build and nvcc is found (CUDA_HOME), or when
+FORCE_CUDA=1; FORCE_CUDA=0 builds CPU only. Whether a GPU is present does not
+matter, so the CUDA objects build on GPU-less CI machines. TORCH_CUDA_ARCH_LIST
+picks the architectures (default "8.0;9.0": Ampere and Hopper).
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("FORCE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def pip_cuda_paths():
+    """Headers and libraries of the CUDA wheels torch depends on (nvidia/cu13),
+    which the system toolkit may lack (cuBLAS, cuSPARSE, ... headers)."""
+    try:
+        import nvidia
+    except ImportError:
+        return [], []
+    includes, libs = [], []
+    for root in nvidia.__path__:
+        for sub in ("cu13", "cu12"):
+            base = os.path.join(root, sub)
+            if os.path.isdir(os.path.join(base, "include")):
+                includes.append(os.path.join(base, "include"))
+                libs.append(os.path.join(base, "lib"))
+    return includes, libs
+
+
+def limit_parallel_jobs():
+    """nvcc and the torch headers take ~2 GB per job: cap ninja by memory."""
+    if "MAX_JOBS" in os.environ:
+        return
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        by_memory = max(1, int(pages * page_size / 2.5e9))
+    except (ValueError, OSError):
+        by_memory = 1
+    os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, by_memory)))
+
+
+def extension():
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "common", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
+    macros = [("RESFAST_TORCH_VERSION", f'"{torch.__version__}"')]
+    # The C++ standard is left to torch.utils.cpp_extension: torch 2.14 needs C++20.
+    cxx = ["-O3"]
+    if not want_cuda():
+        return CppExtension("resfast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    includes, libs = pip_cuda_paths()
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    macros.append(("RESFAST_WITH_CUDA", None))
+    return CUDAExtension(
+        "resfast._C",
+        sources,
+        define_macros=macros,
+        include_dirs=includes,
+        library_dirs=libs,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+    )
+
+
+limit_parallel_jobs()
+
+# Package metadata lives in pyproject.toml.
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
