@@ -8,10 +8,28 @@ picks the architectures (default "8.0;9.0": Ampere and Hopper).
 
 import glob
 import os
+import shutil
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME as the parent of nvcc's folder, which is wrong
+    when nvcc on PATH is a link or wrapper (/usr/local/bin/nvcc): take the
+    first candidate that really holds the toolkit's headers."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and _find_cuda_home():
+    os.environ["CUDA_HOME"] = _find_cuda_home()
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,9 +78,12 @@ def extension():
     )
     macros = [("RESFAST_TORCH_VERSION", f'"{torch.__version__}"')]
     # The C++ standard is left to torch.utils.cpp_extension: torch 2.14 needs C++20.
-    cxx = ["-O3"]
+    # OpenMP makes at::parallel_for parallel; the runtime is the one torch loads.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if not want_cuda():
-        return CppExtension("resfast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        return CppExtension("resfast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     includes, libs = pip_cuda_paths()
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -74,6 +95,7 @@ def extension():
         include_dirs=includes,
         library_dirs=libs,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link,
     )
 
 

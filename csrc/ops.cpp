@@ -13,16 +13,21 @@ TORCH_LIBRARY(resfast, m) {
   // mean/scale/shift are per channel, shape (C,), or per sample and channel,
   // shape (N, C). The activation is rounded to weight's dtype before the
   // convolution, so x may be float32 with a half/bfloat16 weight (autocast).
+  // batch_invstd marks training-mode BatchNorm: mean and scale are x's batch
+  // mean and gamma * batch_invstd, and the gradient with respect to x includes
+  // their dependence on x (the forward does not read it).
   m.def(
       "norm_act_conv2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
       "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, str activation) -> Tensor");
-  // grad_x = dz * scale with dz = act'(z) * conv2d_input_grad(grad_out);
-  // grad_scale = sum(dz * (x - mean)), grad_shift = sum(dz), shaped like scale.
+      "int groups, str activation, Tensor? batch_invstd=None) -> Tensor");
+  // dz = act'(z) * conv2d_input_grad(grad_out); grad_scale = sum(dz * (x - mean))
+  // and grad_shift = sum(dz), shaped like scale; grad_x = dz * scale, plus,
+  // with batch_invstd, the gradient through the batch statistics:
+  //   - scale * (grad_shift + (x - mean) * batch_invstd^2 * grad_scale) / count.
   m.def(
       "norm_act_conv2d_backward_input(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
       "Tensor shift, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "str activation) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
+      "str activation, Tensor? batch_invstd=None) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
   // The convolution's weight gradient, recomputing act(z) from x.
   m.def(
       "norm_act_conv2d_backward_weight(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "

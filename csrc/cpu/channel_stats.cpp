@@ -9,9 +9,46 @@
 #include "../common/checks.h"
 #include "../common/norm_act_math.h"
 #include "channel_loops.h"
+#include "stats_grad.h"
 
 namespace resfast::cpu {
 namespace {
+
+// Sums of (x - pivot[c]) and its square: shifting each channel by one of its
+// own values keeps the sums small whatever the mean (moments_from_shifted_sums).
+template <typename scalar_t>
+struct ShiftedSums {
+  using sum_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x;
+  const double* __restrict__ pivot;
+  const sum_t* __restrict__ row_pivot;  // pivot in sum_t, for the channels_last rows
+  int64_t channels;
+
+  std::array<double, 2> plane(int64_t, int64_t c, int64_t offset, int64_t length) const {
+    const scalar_t* __restrict__ xp = x + offset;
+    const double shift = pivot[c];
+    double sum = 0, sum_sq = 0;
+#pragma omp simd reduction(+ : sum, sum_sq)
+    for (int64_t p = 0; p < length; ++p) {
+      const double d = static_cast<double>(xp[p]) - shift;
+      sum += d;
+      sum_sq += d * d;
+    }
+    return {sum, sum_sq};
+  }
+
+  void row(int64_t, int64_t offset, sum_t* __restrict__ acc) const {
+    const scalar_t* __restrict__ xr = x + offset;
+    sum_t* __restrict__ sum = acc;
+    sum_t* __restrict__ sum_sq = acc + channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const sum_t d = static_cast<sum_t>(xr[c]) - row_pivot[c];
+      sum[c] += d;
+      sum_sq[c] += d * d;
+    }
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
   check_activation_input(input, "x");
@@ -28,11 +65,13 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     // Each channel's sums are taken around its first value (see moments_from_shifted_sums).
     std::vector<double> pivot(g.c);
-    for (int64_t c = 0; c < g.c; ++c) pivot[c] = static_cast<double>(px[g.channels_last ? c : c * g.hw]);
-    const std::vector<double> sums = sum_per_sample_channel<2>(g, [&](int64_t, int64_t c, int64_t i) {
-      const double d = static_cast<double>(px[i]) - pivot[c];
-      return std::array<double, 2>{d, d * d};
-    });
+    std::vector<acc_t> row_pivot(g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      row_pivot[c] = static_cast<acc_t>(px[g.channels_last ? c : c * g.hw]);
+      pivot[c] = static_cast<double>(row_pivot[c]);
+    }
+    const std::vector<double> sums =
+        sum_per_sample_channel<2>(g, ShiftedSums<scalar_t>{px, pivot.data(), row_pivot.data(), g.c});
     acc_t* pm = mean.data_ptr<acc_t>();
     acc_t* pv = var.data_ptr<acc_t>();
     for (int64_t c = 0; c < g.c; ++c) {
@@ -68,16 +107,10 @@ at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mea
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    scalar_t* pg = grad_x.data_ptr<scalar_t>();
-    const acc_t* pm = m.const_data_ptr<acc_t>();
-    const acc_t* pgm = gm.const_data_ptr<acc_t>();
-    const acc_t* pgv = gv.const_data_ptr<acc_t>();
-    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(g.n * g.hw);
-    for_each_element(g, [&](int64_t, int64_t c, int64_t i) {
-      pg[i] = static_cast<scalar_t>(
-          channel_stats_grad<acc_t>(static_cast<acc_t>(px[i]), pm[c], pgm[c], pgv[c], inv_count));
-    });
+    for_each_run(g, StatsGrad<scalar_t, acc_t, /*accumulate=*/false>{
+                        x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
+                        gm.const_data_ptr<acc_t>(), gv.const_data_ptr<acc_t>(),
+                        acc_t(1) / static_cast<acc_t>(g.n * g.hw), g.c});
   });
   return grad_x;
 }

@@ -3,6 +3,8 @@
 // written by one fused pass and dropped when the op returns, in the forward
 // and again (recomputed) in the weight backward. The input backward applies
 // act'(z) and reduces the per-channel gradient sums in a single pass.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -14,6 +16,7 @@
 #include "../common/norm_act_math.h"
 #include "channel_loops.h"
 #include "dispatch.h"
+#include "stats_grad.h"
 
 namespace resfast::cpu {
 namespace {
@@ -33,6 +36,80 @@ struct NormParams {
         sample_stride(m.dim() == 2 ? m.size(1) : 0) {}
 
   int64_t index(int64_t n, int64_t c) const { return n * sample_stride + c; }
+};
+
+// a = act((x - mean) * scale + shift), rounded to out_t.
+template <typename in_t, typename out_t, typename acc_t, Activation A>
+struct NormalizeActivate {
+  const in_t* __restrict__ x;
+  out_t* __restrict__ a;
+  NormParams<acc_t> p;
+  int64_t channels;
+
+  void plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+    const int64_t k = p.index(n, c);
+    const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
+#pragma omp simd
+    for (int64_t i = offset; i < offset + length; ++i) {
+      a[i] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[i]), m, s, b)));
+    }
+  }
+
+  void row(int64_t n, int64_t offset) const {
+    const int64_t k0 = p.index(n, 0);
+    const acc_t* __restrict__ m = p.mean + k0;
+    const acc_t* __restrict__ s = p.scale + k0;
+    const acc_t* __restrict__ b = p.shift + k0;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      a[offset + c] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[offset + c]), m[c], s[c], b[c])));
+    }
+  }
+};
+
+// From grad_a, the gradient of the convolution's input: dz = grad_a * act'(z),
+// grad_x = dz * scale, and the sums of dz and dz * (x - mean). grad_x may be
+// grad_a itself (each element is read before it is written, at one index).
+template <typename in_t, typename out_t, typename acc_t, Activation A>
+struct ActivationBackward {
+  using sum_t = acc_t;
+  const in_t* __restrict__ x;
+  const out_t* grad_a;
+  in_t* grad_x;
+  NormParams<acc_t> p;
+  int64_t channels;
+
+  std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+    const int64_t k = p.index(n, c);
+    const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
+    acc_t sum_dz = 0, sum_dz_x = 0;
+#pragma omp simd reduction(+ : sum_dz, sum_dz_x)
+    for (int64_t i = offset; i < offset + length; ++i) {
+      const acc_t centered = static_cast<acc_t>(x[i]) - m;
+      const acc_t dz = activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_a[i]));
+      grad_x[i] = static_cast<in_t>(dz * s);
+      sum_dz += dz;
+      sum_dz_x += dz * centered;
+    }
+    return {static_cast<double>(sum_dz), static_cast<double>(sum_dz_x)};
+  }
+
+  void row(int64_t n, int64_t offset, acc_t* __restrict__ acc) const {
+    const int64_t k0 = p.index(n, 0);
+    const acc_t* __restrict__ m = p.mean + k0;
+    const acc_t* __restrict__ s = p.scale + k0;
+    const acc_t* __restrict__ b = p.shift + k0;
+    acc_t* __restrict__ sum_dz = acc;
+    acc_t* __restrict__ sum_dz_x = acc + channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t centered = static_cast<acc_t>(x[offset + c]) - m[c];
+      const acc_t dz = activation_backward<A>(centered * s[c] + b[c], static_cast<acc_t>(grad_a[offset + c]));
+      grad_x[offset + c] = static_cast<in_t>(dz * s[c]);
+      sum_dz[c] += dz;
+      sum_dz_x[c] += dz * centered;
+    }
+  }
 };
 
 struct UnitArgs {
@@ -63,18 +140,23 @@ at::Tensor normalize_activate(const UnitArgs& u, at::ScalarType dtype) {
     using out_t = typename decltype(out_tag)::type;
     using acc_t = at::opmath_type<in_t>;
     const NormParams<acc_t> p(u.mean, u.scale, u.shift);
-    const in_t* px = u.x.const_data_ptr<in_t>();
-    out_t* pa = out.data_ptr<out_t>();
     dispatch_activation(u.activation, [&](auto act) {
-      for_each_element(g, [&](int64_t n, int64_t c, int64_t i) {
-        const int64_t k = p.index(n, c);
-        pa[i] = static_cast<out_t>(
-            activate(normalize<acc_t>(static_cast<acc_t>(px[i]), p.mean[k], p.scale[k], p.shift[k]),
-                     decltype(act)::value));
-      });
+      for_each_run(g, NormalizeActivate<in_t, out_t, acc_t, decltype(act)::value>{
+                          u.x.const_data_ptr<in_t>(), out.data_ptr<out_t>(), p, g.c});
     });
   });
   return out;
+}
+
+// batch_invstd: (C,) like a per-channel mean, with per-channel parameters.
+void check_batch_invstd(const UnitArgs& u, const std::optional<at::Tensor>& batch_invstd) {
+  if (!batch_invstd.has_value()) return;
+  TORCH_CHECK_VALUE(u.mean.dim() == 1, "batch_invstd: needs per-channel (C,) mean/scale/shift, got ",
+                    u.mean.sizes());
+  TORCH_CHECK_VALUE(batch_invstd->sizes() == u.mean.sizes(), "batch_invstd: expected shape ",
+                    u.mean.sizes(), ", got ", batch_invstd->sizes());
+  TORCH_CHECK_TYPE(batch_invstd->scalar_type() == u.mean.scalar_type(), "batch_invstd: expected dtype ",
+                   u.mean.scalar_type(), ", got ", batch_invstd->scalar_type());
 }
 
 at::Tensor norm_act_conv2d(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
@@ -82,9 +164,10 @@ at::Tensor norm_act_conv2d(const at::Tensor& x, const at::Tensor& mean, const at
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& residual, c10::IntArrayRef stride,
                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                           c10::string_view activation) {
+                           c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
   const UnitArgs u =
       check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
+  check_batch_invstd(u, batch_invstd);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias: expected shape (",
                       weight.size(0), ",), got ", bias->sizes());
@@ -114,13 +197,40 @@ void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Ten
                    weight.scalar_type(), ", got ", grad_out.scalar_type());
 }
 
+// Training-mode BatchNorm: mean = mean(x) and scale = gamma * invstd(x), so
+// x also reaches the loss through them: d/dmean = -scale * sum(dz) and
+// d/dvar = -scale * invstd^2 * sum(dz * (x - mean)) / 2, which
+// channel_stats_grad turns into each value's share, added to grad_x in place.
+void add_batch_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, const at::Tensor& grad_scale,
+                          const at::Tensor& grad_shift, at::Tensor& grad_x) {
+  const Geometry g = geometry(u.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.x.scalar_type(), "batch_stats_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor invstd = batch_invstd.contiguous();
+    const acc_t* scale = u.scale.const_data_ptr<acc_t>();
+    const acc_t* inv = invstd.const_data_ptr<acc_t>();
+    const acc_t* gsc = grad_scale.const_data_ptr<acc_t>();
+    const acc_t* gsh = grad_shift.const_data_ptr<acc_t>();
+    std::vector<acc_t> grad_mean(g.c), grad_var(g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      grad_mean[c] = -scale[c] * gsh[c];
+      grad_var[c] = acc_t(-0.5) * scale[c] * inv[c] * inv[c] * gsc[c];
+    }
+    for_each_run(g, StatsGrad<scalar_t, acc_t, /*accumulate=*/true>{
+                        u.x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), u.mean.const_data_ptr<acc_t>(),
+                        grad_mean.data(), grad_var.data(), acc_t(1) / static_cast<acc_t>(g.n * g.hw), g.c});
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride,
-    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, c10::string_view activation) {
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    const std::optional<at::Tensor>& batch_invstd) {
   const UnitArgs u =
       check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
   check_grad_out(grad_out, u, weight);
+  check_batch_invstd(u, batch_invstd);
   // The input's values do not enter the input gradient; ATen only reads its
   // shape, dtype and layout, so an uninitialised tensor stands in for act(z).
   const at::Tensor input_like =
@@ -131,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
                                            groups, {true, false, false}))
           .contiguous(u.format);
 
-  at::Tensor grad_x = at::empty_like(u.x);
+  // grad_x overwrites grad_a when their dtypes allow: one allocation less.
+  at::Tensor grad_x = grad_a.scalar_type() == u.x.scalar_type() ? grad_a : at::empty_like(u.x);
   const Geometry g = geometry(u.x);
   std::vector<double> sums;
   dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {
@@ -139,18 +250,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
     using out_t = typename decltype(out_tag)::type;
     using acc_t = at::opmath_type<in_t>;
     const NormParams<acc_t> p(u.mean, u.scale, u.shift);
-    const in_t* px = u.x.const_data_ptr<in_t>();
-    const out_t* pga = grad_a.const_data_ptr<out_t>();
-    in_t* pgx = grad_x.data_ptr<in_t>();
     dispatch_activation(u.activation, [&](auto act) {
-      sums = sum_per_sample_channel<2>(g, [&](int64_t n, int64_t c, int64_t i) {
-        const int64_t k = p.index(n, c);
-        const acc_t centered = static_cast<acc_t>(px[i]) - p.mean[k];
-        const acc_t z = centered * p.scale[k] + p.shift[k];
-        const acc_t dz = static_cast<acc_t>(pga[i]) * activation_grad(z, decltype(act)::value);
-        pgx[i] = static_cast<in_t>(dz * p.scale[k]);
-        return std::array<double, 2>{static_cast<double>(dz), static_cast<double>(dz * centered)};
-      });
+      sums = sum_per_sample_channel<2>(
+          g, ActivationBackward<in_t, out_t, acc_t, decltype(act)::value>{
+                 u.x.const_data_ptr<in_t>(), grad_a.const_data_ptr<out_t>(), grad_x.data_ptr<in_t>(), p, g.c});
     });
   });
 
@@ -177,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
       }
     }
   });
+  if (batch_invstd.has_value()) add_batch_stats_grad(u, *batch_invstd, grad_scale, grad_shift, grad_x);
   return {grad_x, grad_scale, grad_shift};
 }
 

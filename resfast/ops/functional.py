@@ -56,9 +56,13 @@ def _autocast_compute(x, weight, bias, residual):
 
 
 def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
-                    groups=1, activation="relu"):
+                    groups=1, activation="relu", batch_invstd=None):
     """conv2d(act((x - mean) * scale + shift), weight, bias) + residual, fused:
-    the normalised activation is never stored; backward recomputes it."""
+    the normalised activation is never stored; backward recomputes it.
+
+    batch_invstd: for training-mode BatchNorm, the batch's 1/sqrt(var + eps)
+    when mean and scale = gamma * batch_invstd are x's batch statistics
+    (computed without autograd); x's gradient then includes theirs."""
     check_activation_input(x)
     check_activation(activation)
     stride, dilation = _pair(stride), _pair(dilation)
@@ -68,7 +72,7 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, str
     x, weight, bias, residual = _autocast_compute(x, weight, bias, residual)
     fused_residual = residual if residual is not None and residual.dtype == weight.dtype else None
     y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, fused_residual, list(stride), list(padding),
-                            list(dilation), groups, activation)
+                            list(dilation), groups, activation, batch_invstd)
     if residual is not None and fused_residual is None:
         y = y + residual  # mixed dtypes (autocast): promote as eager torch does
     return y
@@ -112,16 +116,20 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
 
     acc = accumulation_dtype(x.dtype)
     if training:
-        mean, var = ops.channel_stats(x)
-        if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
-                unbiased = var.detach() * (count / (count - 1))
+        # The statistics' gradient is folded into the fused op's input gradient
+        # (batch_invstd), so they are computed outside autograd.
+        with torch.no_grad():
+            mean, var = ops.channel_stats(x)
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                unbiased = var * (count / (count - 1))
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            invstd = torch.rsqrt(var + eps)
+        batch_invstd = invstd
     else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        mean, batch_invstd = running_mean.to(acc), None
     scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
     shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.to(acc)
     return norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                           activation)
+                           activation, batch_invstd)

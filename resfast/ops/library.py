@@ -24,7 +24,7 @@ def _channel_stats_backward_fake(x, mean, grad_mean, grad_var):
 
 @torch.library.register_fake("resfast::norm_act_conv2d")
 def _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                          activation):
+                          activation, batch_invstd=None):
     oh, ow = conv_output_size(x, weight, stride, padding, dilation)
     y = x.new_empty((x.shape[0], weight.shape[0], oh, ow), dtype=weight.dtype)
     return y.contiguous(memory_format=kernel_format(x))
@@ -32,7 +32,7 @@ def _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride,
 
 @torch.library.register_fake("resfast::norm_act_conv2d_backward_input")
 def _norm_act_conv2d_backward_input_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
-                                         groups, activation):
+                                         groups, activation, batch_invstd=None):
     grad_x = torch.empty_like(x, memory_format=kernel_format(x))
     return grad_x, torch.empty_like(scale), torch.empty_like(scale)
 
@@ -63,21 +63,21 @@ torch.library.register_autograd(
 
 
 def _norm_act_conv2d_setup(ctx, inputs, output):
-    x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation = inputs
+    x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation, batch_invstd = inputs
     # Only x, the per-channel vectors and the weight: act(z) is recomputed.
-    ctx.save_for_backward(x, mean, scale, shift, weight)
+    ctx.save_for_backward(x, mean, scale, shift, weight, batch_invstd)
     ctx.conv_args = (stride, padding, dilation, groups, activation)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _norm_act_conv2d_backward(ctx, grad_out):
-    x, mean, scale, shift, weight = ctx.saved_tensors
+    x, mean, scale, shift, weight, batch_invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_out = grad_out.contiguous(memory_format=kernel_format(x))
     grad_x = grad_mean = grad_scale = grad_shift = grad_weight = grad_bias = grad_residual = None
     if any(needs[:4]):
         grad_x, grad_scale, grad_shift = ops.norm_act_conv2d_backward_input(
-            grad_out, x, mean, scale, shift, weight, *ctx.conv_args
+            grad_out, x, mean, scale, shift, weight, *ctx.conv_args, batch_invstd
         )
         grad_mean = -scale * grad_shift
     if needs[4]:
@@ -86,7 +86,8 @@ def _norm_act_conv2d_backward(ctx, grad_out):
         grad_bias = grad_out.sum((0, 2, 3), dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
     if needs[6]:
         grad_residual = grad_out
-    return grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+    return (grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual,
+            None, None, None, None, None, None)
 
 
 torch.library.register_autograd(

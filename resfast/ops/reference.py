@@ -16,6 +16,15 @@ def _activate(z, activation):
     return {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}[activation](z)
 
 
+def _activation_grad(z, activation):
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    return torch.ones_like(z)
+
+
 def _normalize(x, mean, scale, shift):
     acc = accumulation_dtype(x.dtype)
     return (x.to(acc) - _per_element(mean)) * _per_element(scale) + _per_element(shift)
@@ -33,7 +42,8 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
     return g.to(x.dtype).contiguous(memory_format=kernel_format(x))
 
 
-def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation):
+def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+                    batch_invstd=None):
     a = _activate(_normalize(x, mean, scale, shift), activation).to(weight.dtype)
     y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
@@ -42,16 +52,21 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, paddi
 
 
 def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
-                                   activation):
-    z = _normalize(x, mean, scale, shift).detach().requires_grad_()
-    with torch.enable_grad():
-        a = _activate(z, activation)
+                                   activation, batch_invstd=None):
+    z = _normalize(x, mean, scale, shift)
     grad_a = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride, padding, dilation, groups)
-    (dz,) = torch.autograd.grad(a, z, grad_a.to(z.dtype))
+    dz = grad_a.to(z.dtype) * _activation_grad(z, activation)
     centered = x.to(z.dtype) - _per_element(mean)
     dims = (0, 2, 3) if scale.dim() == 1 else (2, 3)
-    grad_x = (dz * _per_element(scale)).to(x.dtype).contiguous(memory_format=kernel_format(x))
-    return grad_x, (dz * centered).sum(dims).to(scale.dtype), dz.sum(dims).to(scale.dtype)
+    grad_scale, grad_shift = (dz * centered).sum(dims), dz.sum(dims)
+    grad_x = dz * _per_element(scale)
+    if batch_invstd is not None:
+        # mean and scale are x's batch statistics: their gradient reaches x too.
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        grad_x = grad_x - _per_element(scale) * (
+            _per_element(grad_shift) + centered * _per_element(batch_invstd**2 * grad_scale)) / count
+    grad_x = grad_x.to(x.dtype).contiguous(memory_format=kernel_format(x))
+    return grad_x, grad_scale.to(scale.dtype), grad_shift.to(scale.dtype)
 
 
 def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,

@@ -48,18 +48,25 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
     return _kernels()[1].channel_stats_backward(x.contiguous(memory_format=fmt), mean, grad_mean, grad_var)
 
 
-def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation):
+def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+                    batch_invstd=None):
     x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
     y = _kernels()[0].norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, *conv_args)
     return y.contiguous(memory_format=kernel_format(x))
 
 
 def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
-                                   activation):
+                                   activation, batch_invstd=None):
     x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
-    grad_x, grad_scale, grad_shift = _kernels()[0].norm_act_conv2d_backward_input(
+    conv, stats = _kernels()
+    grad_x, grad_scale, grad_shift = conv.norm_act_conv2d_backward_input(
         grad_out, x, mean, scale, shift, weight, *conv_args
     )
+    if batch_invstd is not None:
+        # Training-mode BatchNorm: the batch statistics' share of the gradient.
+        grad_mean = -scale * grad_shift
+        grad_var = -0.5 * scale * batch_invstd * batch_invstd * grad_scale
+        grad_x = grad_x + stats.channel_stats_backward(x, mean, grad_mean, grad_var)
     return grad_x.contiguous(memory_format=kernel_format(x)), grad_scale, grad_shift
 
 

@@ -1,0 +1,43 @@
+// The gradient of per-channel (mean, biased variance) with respect to each
+// value, written to grad_x or added to it: channel_stats_backward, and the
+// batch-statistics term of training-mode BatchNorm's input gradient.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/norm_act_math.h"
+
+namespace resfast::cpu {
+
+template <typename scalar_t, typename acc_t, bool accumulate>
+struct StatsGrad {
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ grad_x;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ grad_mean;
+  const acc_t* __restrict__ grad_var;
+  acc_t inv_count;
+  int64_t channels;
+
+  void store(int64_t i, acc_t g) const {
+    grad_x[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(grad_x[i]) + g : g);
+  }
+
+  void plane(int64_t, int64_t c, int64_t offset, int64_t length) const {
+    const acc_t m = mean[c], gm = grad_mean[c], gv = grad_var[c];
+#pragma omp simd
+    for (int64_t i = offset; i < offset + length; ++i) {
+      store(i, channel_stats_grad<acc_t>(static_cast<acc_t>(x[i]), m, gm, gv, inv_count));
+    }
+  }
+
+  void row(int64_t, int64_t offset) const {
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      store(offset + c, channel_stats_grad<acc_t>(static_cast<acc_t>(x[offset + c]), mean[c], grad_mean[c],
+                                                  grad_var[c], inv_count));
+    }
+  }
+};
+
+}  // namespace resfast::cpu

@@ -1,0 +1,153 @@
+"""`python -m resfast.bench`: resfast against eager PyTorch and torch.compile
+on this machine's best device. Prints a table; --json writes full results."""
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+
+import torch
+
+import resfast
+from resfast.bench.cases import QUICK_SUITES, SUITES
+from resfast.bench.timing import saved_activation_bytes, time_interleaved
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="resfast-bench", description=__doc__)
+    p.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on for CUDA, off for CPU")
+    p.add_argument("--quick", action="store_true", help="small batch and fewer cases")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile of the eager module")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", metavar="PATH")
+    return p.parse_args(argv)
+
+
+def _step(module, x, training):
+    if training:
+        def run():
+            for p in module.parameters():
+                p.grad = None
+            module(x).sum().backward()
+    else:
+        def run():
+            with torch.no_grad():
+                module(x)
+    return run
+
+
+def _compiled(eager):
+    try:
+        compiled = torch.compile(eager)
+        return compiled, None
+    except Exception as e:  # noqa: BLE001  (reported, not hidden)
+        return None, f"{type(e).__name__}: {e}"
+
+
+def run_case(case, args, device, dtype, channels_last, batch):
+    eager, ours, x = case.build(batch, device, dtype, channels_last)
+    row = {"config": case.config(batch), "results": {}}
+    x_train = x.detach().requires_grad_()
+    row["saved_bytes"] = {"eager": saved_activation_bytes(eager.train(), x_train),
+                          "resfast": saved_activation_bytes(ours.train(), x_train)}
+    row["saved_ratio"] = row["saved_bytes"]["resfast"] / row["saved_bytes"]["eager"]
+    compiled, compile_error = _compiled(eager) if args.compile else (None, "disabled by --no-compile")
+    for mode, training in (("inference", False), ("training", True)):
+        for m in (eager, ours):
+            m.train(training)
+        xin = x_train if training else x
+        fns = {"eager": _step(eager, xin, training), "resfast": _step(ours, xin, training)}
+        if compiled is not None:
+            fns["compile"] = _step(compiled, xin, training)
+        try:
+            times = time_interleaved(fns, device, repeats=args.repeats)
+        except Exception as e:  # noqa: BLE001  (torch.compile can fail at first call)
+            if "compile" not in fns:
+                raise
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            compiled = None
+            fns.pop("compile")
+            times = time_interleaved(fns, device, repeats=args.repeats)
+        entry = {"seconds": times, "speedup_vs_eager": times["eager"]["median"] / times["resfast"]["median"]}
+        if "compile" in times:
+            entry["speedup_vs_compile"] = times["compile"]["median"] / times["resfast"]["median"]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            fns["resfast"]()
+            entry["peak_bytes_resfast"] = torch.cuda.max_memory_allocated(device)
+        row["results"][mode] = entry
+    row["compile_error"] = compile_error
+    return row
+
+
+def environment(device):
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "resfast": resfast.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
+           platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def print_table(rows, env):
+    print(f"resfast {env['resfast']} | torch {env['torch']} | {env['device']} | {env['date']}")
+    header = f"{'case':28} {'mode':10} {'eager ms':>9} {'compile ms':>10} {'resfast ms':>10} {'vs eager':>9} " \
+             f"{'vs compile':>10} {'saved mem':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for mode, r in row["results"].items():
+            s = r["seconds"]
+            comp = f"{s['compile']['median'] * 1e3:10.2f}" if "compile" in s else f"{'n/a':>10}"
+            vs_comp = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'n/a':>10}"
+            print(f"{row['config']['case']:28} {mode:10} {s['eager']['median'] * 1e3:9.2f} {comp} "
+                  f"{s['resfast']['median'] * 1e3:10.2f} {r['speedup_vs_eager']:8.2f}x {vs_comp} "
+                  f"{row['saved_ratio']:8.2f}x")
+    errors = {row["compile_error"] for row in rows if row["compile_error"]}
+    for e in errors:
+        print(f"torch.compile unavailable: {e}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("resfast-bench: --device cuda requested but CUDA is not available")
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    batch = args.batch_size or (2 if args.quick else (32 if device.type == "cuda" else 8))
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else (50 if device.type == "cuda" else 15)
+    suites = QUICK_SUITES if args.quick else SUITES
+    names = list(suites) if args.suite == "all" else [args.suite]
+    cases = [c for n in names for c in suites[n]]
+    env = environment(device)
+    rows = []
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+        rows.append(run_case(case, args, device, dtype, channels_last, batch))
+    env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, batch=batch)
+    print_table(rows, env)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "cases": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

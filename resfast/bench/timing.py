@@ -1,0 +1,60 @@
+"""Side-by-side timing: providers run interleaved, warmed up, medians reported."""
+
+import statistics
+import time
+
+import torch
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def measure(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def measure(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return measure
+
+
+def time_interleaved(fns: dict, device, warmup=2, repeats=10):
+    """Seconds per call of each fn: {name: {"median", "q25", "q75", "runs"}}.
+
+    Each repeat runs every fn once in turn, so drift in machine load hits all
+    of them alike and their ratios stay meaningful."""
+    measure = _timer(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(measure(fn))
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+        out[name] = {"median": statistics.median(s), "q25": q[0], "q75": q[2], "runs": len(s)}
+    return out
+
+
+def saved_activation_bytes(model, *inputs):
+    """Bytes of the unique storages saved for backward by one training forward,
+    parameters excluded (DESIGN.md §5)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(seen.values())

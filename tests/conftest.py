@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors in the interpreter; the flag
+# must be set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import resfast  # noqa: E402
+
+
+def triton_available():
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends():
+    """(backend, device) pairs this machine can run."""
+    pairs = [("cpu", "cpu"), ("reference", "cpu")]
+    if triton_available():
+        pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        pairs.append(("cuda", "cuda"))
+    return pairs
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty (in Python and in C++ kernels) returns NaN-filled memory, so an
+    element a kernel forgets to write shows up as NaN."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    torch.use_deterministic_algorithms(prev_det)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
