@@ -20,17 +20,17 @@ TORCH_LIBRARY(resfast, m) {
       "norm_act_conv2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
       "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, str activation, Tensor? batch_invstd=None) -> Tensor");
-  // dz = act'(z) * conv2d_input_grad(grad_out); grad_scale = sum(dz * (x - mean))
-  // and grad_shift = sum(dz), shaped like scale; grad_x = dz * scale, plus,
-  // with batch_invstd, the gradient through the batch statistics:
-  //   - scale * (grad_shift + (x - mean) * batch_invstd^2 * grad_scale) / count.
+  // Both gradients of norm_act_conv2d in one op, so the CPU makes a single
+  // convolution-backward call. With dz = act'(z) * conv2d_input_grad(grad_out):
+  // grad_scale = sum(dz * (x - mean)) and grad_shift = sum(dz), shaped like
+  // scale; grad_x = dz * scale, plus, with batch_invstd, the gradient through
+  // the batch statistics:
+  //   - scale * (grad_shift + (x - mean) * batch_invstd^2 * grad_scale) / count;
+  // grad_weight recomputes act(z) from x. output_mask = (input side, weight);
+  // masked-off outputs are undefined (None).
   m.def(
-      "norm_act_conv2d_backward_input(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
-      "Tensor shift, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "str activation, Tensor? batch_invstd=None) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
-  // The convolution's weight gradient, recomputing act(z) from x.
-  m.def(
-      "norm_act_conv2d_backward_weight(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
-      "Tensor shift, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "str activation) -> Tensor");
+      "norm_act_conv2d_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+      "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
+      "Tensor? batch_invstd, bool[2] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, Tensor grad_weight)");
 }

@@ -155,7 +155,7 @@ def test_gradcheck_float64(activation, training):
     assert torch.autograd.gradcheck(f, (x, bn_w, bn_b, w, b, res))
 
 
-def test_gradgradless_ops_opcheck():
+def test_ops_opcheck():
     """torch.library.opcheck on every registered op: schema, fake kernel,
     autograd registration and torch.compile (AOT dispatch) consistency."""
     x = torch.randn(2, 4, 5, 6)
@@ -169,11 +169,14 @@ def test_gradgradless_ops_opcheck():
         (torch.ops.resfast.channel_stats_backward, (x.detach(), mean, torch.randn(4), torch.randn(4))),
         (torch.ops.resfast.norm_act_conv2d, (x.detach().requires_grad_(), mean.detach(), scale.requires_grad_(),
                                              shift.requires_grad_(), w, None, None, *conv)),
-        (torch.ops.resfast.norm_act_conv2d_backward_input, (g, x.detach(), mean, scale.detach(), shift.detach(),
-                                                            w.detach(), *conv)),
-        (torch.ops.resfast.norm_act_conv2d_backward_weight, (g, x.detach(), mean, scale.detach(), shift.detach(),
-                                                             w.detach(), *conv)),
+        (torch.ops.resfast.norm_act_conv2d, (x.detach().requires_grad_(), mean.detach(), scale.detach(),
+                                             shift.detach().requires_grad_(), w, None, None, *conv,
+                                             torch.rsqrt(var + 1e-5))),
     ]
+    for mask in ([True, True], [True, False], [False, True]):
+        for invstd in (None, torch.rsqrt(var + 1e-5)):
+            samples.append((torch.ops.resfast.norm_act_conv2d_backward,
+                            (g, x.detach(), mean, scale.detach(), shift.detach(), w.detach(), *conv, invstd, mask)))
     for op, args in samples:
         torch.library.opcheck(op, args)
     xl = x.detach().contiguous(memory_format=torch.channels_last)

@@ -1,8 +1,8 @@
 // CPU kernels of the fused norm→activation→conv2d unit. The normalised,
 // activated input exists only as a temporary for ATen's convolution: it is
 // written by one fused pass and dropped when the op returns, in the forward
-// and again (recomputed) in the weight backward. The input backward applies
-// act'(z) and reduces the per-channel gradient sums in a single pass.
+// and again (recomputed) in the backward, which then applies act'(z) and
+// reduces the per-channel gradient sums in a single pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -74,24 +74,38 @@ template <typename in_t, typename out_t, typename acc_t, Activation A>
 struct ActivationBackward {
   using sum_t = acc_t;
   const in_t* __restrict__ x;
-  const out_t* grad_a;
-  in_t* grad_x;
+  const out_t* __restrict__ grad_a;
+  in_t* __restrict__ grad_x;
   NormParams<acc_t> p;
   int64_t channels;
+
+  // Blocks of kBlock values: an elementwise loop, then a pure reduction loop,
+  // each of which vectorises (a select inside a reduction does not).
+  static constexpr int64_t kBlock = 256;
 
   std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
     const int64_t k = p.index(n, c);
     const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
-    acc_t sum_dz = 0, sum_dz_x = 0;
-#pragma omp simd reduction(+ : sum_dz, sum_dz_x)
-    for (int64_t i = offset; i < offset + length; ++i) {
-      const acc_t centered = static_cast<acc_t>(x[i]) - m;
-      const acc_t dz = activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_a[i]));
-      grad_x[i] = static_cast<in_t>(dz * s);
-      sum_dz += dz;
-      sum_dz_x += dz * centered;
+    acc_t dz[kBlock], centered[kBlock];
+    double sum_dz = 0, sum_dz_x = 0;
+    for (int64_t start = offset; start < offset + length; start += kBlock) {
+      const int64_t len = std::min(kBlock, offset + length - start);
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        centered[j] = static_cast<acc_t>(x[start + j]) - m;
+        dz[j] = activation_backward<A>(centered[j] * s + b, static_cast<acc_t>(grad_a[start + j]));
+        grad_x[start + j] = static_cast<in_t>(dz[j] * s);
+      }
+      acc_t block_dz = 0, block_dz_x = 0;
+#pragma omp simd reduction(+ : block_dz, block_dz_x)
+      for (int64_t j = 0; j < len; ++j) {
+        block_dz += dz[j];
+        block_dz_x += dz[j] * centered[j];
+      }
+      sum_dz += block_dz;
+      sum_dz_x += block_dz_x;
     }
-    return {static_cast<double>(sum_dz), static_cast<double>(sum_dz_x)};
+    return {sum_dz, sum_dz_x};
   }
 
   void row(int64_t n, int64_t offset, acc_t* __restrict__ acc) const {
@@ -222,27 +236,30 @@ void add_batch_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, con
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-    const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride,
-    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-    const std::optional<at::Tensor>& batch_invstd) {
+    const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    const std::optional<at::Tensor>& batch_invstd, std::array<bool, 2> output_mask) {
   const UnitArgs u =
       check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
   check_grad_out(grad_out, u, weight);
   check_batch_invstd(u, batch_invstd);
-  // The input's values do not enter the input gradient; ATen only reads its
-  // shape, dtype and layout, so an uninitialised tensor stands in for act(z).
-  const at::Tensor input_like =
-      at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(u.format));
-  const at::Tensor grad_a =
-      std::get<0>(at::convolution_backward(grad_out.contiguous(u.format), input_like, weight,
-                                           std::nullopt, stride, padding, dilation, false, {0, 0},
-                                           groups, {true, false, false}))
-          .contiguous(u.format);
+  const auto [want_input, want_weight] = output_mask;
+  // The weight gradient needs act(z), recomputed here; the input gradient only
+  // reads the input's shape, dtype and layout, so without the weight gradient
+  // an uninitialised tensor stands in for it. One ATen call computes both.
+  const at::Tensor a =
+      want_weight ? normalize_activate(u, weight.scalar_type())
+                  : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(u.format));
+  auto [grad_a, grad_weight, unused_bias] =
+      at::convolution_backward(grad_out.contiguous(u.format), a, weight, std::nullopt, stride, padding, dilation,
+                               false, {0, 0}, groups, {want_input, want_weight, false});
+  if (want_weight) grad_weight = grad_weight.contiguous(kernel_format(weight));
+  if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
+  grad_a = grad_a.contiguous(u.format);
 
-  // grad_x overwrites grad_a when their dtypes allow: one allocation less.
-  at::Tensor grad_x = grad_a.scalar_type() == u.x.scalar_type() ? grad_a : at::empty_like(u.x);
+  at::Tensor grad_x = at::empty_like(u.x);
   const Geometry g = geometry(u.x);
   std::vector<double> sums;
   dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {
@@ -259,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
 
   at::Tensor grad_scale = at::empty(u.scale.sizes(), u.scale.options());
   at::Tensor grad_shift = at::empty(u.scale.sizes(), u.scale.options());
-  AT_DISPATCH_FLOATING_TYPES(u.scale.scalar_type(), "norm_act_conv2d_backward_input", [&] {
+  AT_DISPATCH_FLOATING_TYPES(u.scale.scalar_type(), "norm_act_conv2d_backward", [&] {
     scalar_t* gsc = grad_scale.data_ptr<scalar_t>();
     scalar_t* gsh = grad_shift.data_ptr<scalar_t>();
     const bool per_sample = u.scale.dim() == 2;
@@ -281,31 +298,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward_input(
     }
   });
   if (batch_invstd.has_value()) add_batch_stats_grad(u, *batch_invstd, grad_scale, grad_shift, grad_x);
-  return {grad_x, grad_scale, grad_shift};
-}
-
-at::Tensor norm_act_conv2d_backward_weight(const at::Tensor& grad_out, const at::Tensor& x,
-                                           const at::Tensor& mean, const at::Tensor& scale,
-                                           const at::Tensor& shift, const at::Tensor& weight,
-                                           c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                           c10::IntArrayRef dilation, int64_t groups,
-                                           c10::string_view activation) {
-  const UnitArgs u =
-      check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
-  check_grad_out(grad_out, u, weight);
-  const at::Tensor a = normalize_activate(u, weight.scalar_type());
-  return std::get<1>(at::convolution_backward(grad_out.contiguous(u.format), a, weight, std::nullopt,
-                                              stride, padding, dilation, false, {0, 0}, groups,
-                                              {false, true, false}))
-      .contiguous(kernel_format(weight));
+  return {grad_x, grad_scale, grad_shift, grad_weight};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("norm_act_conv2d", &norm_act_conv2d);
-  m.impl("norm_act_conv2d_backward_input", &norm_act_conv2d_backward_input);
-  m.impl("norm_act_conv2d_backward_weight", &norm_act_conv2d_backward_weight);
+  m.impl("norm_act_conv2d_backward", &norm_act_conv2d_backward);
 }
 
 }  // namespace resfast::cpu

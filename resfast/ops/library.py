@@ -30,17 +30,16 @@ def _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride,
     return y.contiguous(memory_format=kernel_format(x))
 
 
-@torch.library.register_fake("resfast::norm_act_conv2d_backward_input")
-def _norm_act_conv2d_backward_input_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
-                                         groups, activation, batch_invstd=None):
-    grad_x = torch.empty_like(x, memory_format=kernel_format(x))
-    return grad_x, torch.empty_like(scale), torch.empty_like(scale)
-
-
-@torch.library.register_fake("resfast::norm_act_conv2d_backward_weight")
-def _norm_act_conv2d_backward_weight_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
-                                          groups, activation):
-    return torch.empty_like(weight, memory_format=kernel_format(weight))
+@torch.library.register_fake("resfast::norm_act_conv2d_backward")
+def _norm_act_conv2d_backward_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
+                                   activation, batch_invstd, output_mask):
+    grad_x = grad_scale = grad_shift = grad_weight = None
+    if output_mask[0]:
+        grad_x = torch.empty_like(x, memory_format=kernel_format(x))
+        grad_scale, grad_shift = torch.empty_like(scale), torch.empty_like(scale)
+    if output_mask[1]:
+        grad_weight = torch.empty_like(weight, memory_format=kernel_format(weight))
+    return grad_x, grad_scale, grad_shift, grad_weight
 
 
 # ---------------------------------------------------------------- autograd
@@ -74,14 +73,12 @@ def _norm_act_conv2d_backward(ctx, grad_out):
     x, mean, scale, shift, weight, batch_invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_out = grad_out.contiguous(memory_format=kernel_format(x))
-    grad_x = grad_mean = grad_scale = grad_shift = grad_weight = grad_bias = grad_residual = None
-    if any(needs[:4]):
-        grad_x, grad_scale, grad_shift = ops.norm_act_conv2d_backward_input(
-            grad_out, x, mean, scale, shift, weight, *ctx.conv_args, batch_invstd
-        )
+    grad_mean = grad_bias = grad_residual = None
+    grad_x, grad_scale, grad_shift, grad_weight = ops.norm_act_conv2d_backward(
+        grad_out, x, mean, scale, shift, weight, *ctx.conv_args, batch_invstd, [any(needs[:4]), needs[4]]
+    )
+    if needs[1]:
         grad_mean = -scale * grad_shift
-    if needs[4]:
-        grad_weight = ops.norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight, *ctx.conv_args)
     if needs[5]:
         grad_bias = grad_out.sum((0, 2, 3), dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
     if needs[6]:

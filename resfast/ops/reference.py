@@ -51,8 +51,8 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, paddi
     return y.contiguous(memory_format=kernel_format(x))
 
 
-def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
-                                   activation, batch_invstd=None):
+def _backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
+                    batch_invstd):
     z = _normalize(x, mean, scale, shift)
     grad_a = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride, padding, dilation, groups)
     dz = grad_a.to(z.dtype) * _activation_grad(z, activation)
@@ -69,17 +69,27 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
     return grad_x, grad_scale.to(scale.dtype), grad_shift.to(scale.dtype)
 
 
-def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
-                                    activation):
+def _backward_weight(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation):
     a = _activate(_normalize(x, mean, scale, shift), activation).to(weight.dtype)
     grad_w = torch.nn.grad.conv2d_weight(a, weight.shape, grad_out, stride, padding, dilation, groups)
     return grad_w.to(weight.dtype).contiguous(memory_format=kernel_format(weight))
+
+
+def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
+                             batch_invstd, output_mask):
+    conv_args = (stride, padding, dilation, groups, activation)
+    grad_x = grad_scale = grad_shift = grad_weight = None
+    if output_mask[0]:
+        grad_x, grad_scale, grad_shift = _backward_input(grad_out, x, mean, scale, shift, weight, *conv_args,
+                                                         batch_invstd)
+    if output_mask[1]:
+        grad_weight = _backward_weight(grad_out, x, mean, scale, shift, weight, *conv_args)
+    return grad_x, grad_scale, grad_shift, grad_weight
 
 
 IMPLS = {
     "channel_stats": channel_stats,
     "channel_stats_backward": channel_stats_backward,
     "norm_act_conv2d": norm_act_conv2d,
-    "norm_act_conv2d_backward_input": norm_act_conv2d_backward_input,
-    "norm_act_conv2d_backward_weight": norm_act_conv2d_backward_weight,
+    "norm_act_conv2d_backward": norm_act_conv2d_backward,
 }

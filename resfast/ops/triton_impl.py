@@ -10,7 +10,7 @@ from resfast.ops.layout import kernel_format
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Ops whose registered CUDA kernel is the Triton one; the others run CUDA C++.
-CUDA_OPS = ("norm_act_conv2d", "norm_act_conv2d_backward_input", "norm_act_conv2d_backward_weight")
+CUDA_OPS = ("norm_act_conv2d", "norm_act_conv2d_backward")
 
 
 def _kernels():
@@ -55,34 +55,31 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, paddi
     return y.contiguous(memory_format=kernel_format(x))
 
 
-def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
-                                   activation, batch_invstd=None):
+def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
+                             batch_invstd, output_mask):
     x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
     conv, stats = _kernels()
-    grad_x, grad_scale, grad_shift = conv.norm_act_conv2d_backward_input(
-        grad_out, x, mean, scale, shift, weight, *conv_args
-    )
-    if batch_invstd is not None:
-        # Training-mode BatchNorm: the batch statistics' share of the gradient.
-        grad_mean = -scale * grad_shift
-        grad_var = -0.5 * scale * batch_invstd * batch_invstd * grad_scale
-        grad_x = grad_x + stats.channel_stats_backward(x, mean, grad_mean, grad_var)
-    return grad_x.contiguous(memory_format=kernel_format(x)), grad_scale, grad_shift
-
-
-def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
-                                    activation):
-    x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
-    grad_w = _kernels()[0].norm_act_conv2d_backward_weight(
-        grad_out, x, mean, scale, shift, tuple(weight.shape), *conv_args
-    )
-    return grad_w.to(weight.dtype).contiguous(memory_format=kernel_format(weight))
+    grad_x = grad_scale = grad_shift = grad_weight = None
+    if output_mask[0]:
+        grad_x, grad_scale, grad_shift = conv.norm_act_conv2d_backward_input(
+            grad_out, x, mean, scale, shift, weight, *conv_args
+        )
+        if batch_invstd is not None:
+            # Training-mode BatchNorm: the batch statistics' share of the gradient.
+            grad_mean = -scale * grad_shift
+            grad_var = -0.5 * scale * batch_invstd * batch_invstd * grad_scale
+            grad_x = grad_x + stats.channel_stats_backward(x, mean, grad_mean, grad_var)
+        grad_x = grad_x.contiguous(memory_format=kernel_format(x))
+    if output_mask[1]:
+        grad_weight = conv.norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, tuple(weight.shape),
+                                                           *conv_args)
+        grad_weight = grad_weight.to(weight.dtype).contiguous(memory_format=kernel_format(weight))
+    return grad_x, grad_scale, grad_shift, grad_weight
 
 
 IMPLS = {
     "channel_stats": channel_stats,
     "channel_stats_backward": channel_stats_backward,
     "norm_act_conv2d": norm_act_conv2d,
-    "norm_act_conv2d_backward_input": norm_act_conv2d_backward_input,
-    "norm_act_conv2d_backward_weight": norm_act_conv2d_backward_weight,
+    "norm_act_conv2d_backward": norm_act_conv2d_backward,
 }
