@@ -252,3 +252,24 @@ def test_inputs_are_not_modified():
     x0, res0 = x.clone(), res.clone()
     unit(x, residual=res).sum().backward()
     assert torch.equal(x, x0) and torch.equal(res, res0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_stats_large_mean(backend, device, channels_last, poison_empty):
+    """Statistics stay accurate when the mean dwarfs the spread."""
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64) + 1e4
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    var_ref, mean_ref = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    with resfast.backend(backend):
+        mean, var = resfast.ops.channel_stats(x.float().to(device))
+    assert_close(mean, mean_ref, torch.float32, "mean")
+    assert_close(var, var_ref, torch.float32, "var", tol=1e-3)
+
+
+def test_channel_stats_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: resfast.ops.channel_stats(t), (x,))
+    assert torch.autograd.gradcheck(lambda t: resfast.ops.channel_stats(t),
+                                    (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),))

@@ -94,6 +94,8 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
     """
     check_activation_input(x)
     check_activation(activation)
+    check_conv_args(x, weight, _pair(stride), conv_padding(padding, weight.shape[2:], _pair(dilation)),
+                    _pair(dilation), groups)
     _check_finite("eps", eps, low=0)
     if training and running_mean is not None:
         _check_finite("momentum", momentum)
