@@ -1,0 +1,560 @@
+"""Implicit-GEMM Triton kernels for the fused norm -> activation -> conv2d unit.
+
+The activation a = act((x - mean) * scale + shift) is never stored: the forward
+and weight-gradient kernels rebuild it while loading each x tile, and the
+input-gradient kernel recomputes z from x in its epilogue for act'(z).
+
+All kernels take explicit strides, so NCHW and channels_last tensors (and any
+other strided layout) work; channels_last is the fast path because the GEMM
+reduction runs over channels, which are then contiguous.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    activation_code,
+    channel_vector,
+    check_activation_tensor,
+    check_device,
+    dot_options,
+    empty_like_format,
+    MAX_ROWS,
+    multiprocessor_count,
+)
+
+# Shipped configurations; the launchers pick one with a shape heuristic and
+# tests/test_triton_aot.py compiles every entry for sm_80 and sm_90.
+FWD_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
+]
+# No 128x128 tile here: its epilogue (x reload, act', partial sums) on top of
+# the accumulator exceeds 255 registers and spills.
+DGRAD_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
+]
+# Weight gradient: BLOCK_M tiles output channels, BLOCK_N input channels and
+# BLOCK_K the N*OH*OW positions being reduced.
+WGRAD_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+
+# Each weight-gradient split should still loop this many BLOCK_K steps, so the
+# partial buffer and its reduction stay small relative to the GEMM work.
+_WGRAD_MIN_ITERS_PER_SPLIT = 8
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    if ACT == 1:
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        s = tl.sigmoid(z)
+        d = s * (1.0 + z * (1.0 - s))
+    else:
+        d = tl.full(z.shape, 1.0, tl.float32)
+    return d
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    if UPCAST_BF16:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _load_prologue_tile(x_ptrs, mask, c, c_mask, mean_ptr, scale_ptr, shift_ptr, out_dtype,
+                        ACT: tl.constexpr):
+    """Load x[rows, c] and return act((x - mean) * scale + shift) in `out_dtype`.
+
+    Masked entries (conv zero padding, tails) are forced to 0 *after* the
+    activation: padding pads the conv input a, not x.
+    """
+    mu = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    sc = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    sh = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    a = _act((xv - mu[None, :]) * sc[None, :] + sh[None, :], ACT)
+    return tl.where(mask, a, 0.0).to(out_dtype)
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, mean_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    N, C_G, H, W, OC_G, OH, OW, KW, K_ITERS,
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # GEMM view: rows = (n, oh, ow), cols = output channels of group g,
+    # reduction = (kh, kw, c) with c innermost. K_ITERS = KH * KW * cdiv(C_G, BLOCK_K)
+    # flattens it into one loop so the software pipeliner sees a single loop.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N * OH * OW
+    ow = rows % OW
+    oh = (rows // OW) % OH
+    n = rows // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+
+    oc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc_mask = oc < OC_G
+    w_col = (g * OC_G + oc).to(tl.int64) * swo
+
+    ks = tl.arange(0, BLOCK_K)
+    c_blocks = tl.cdiv(C_G, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, K_ITERS):
+        tap = it // c_blocks
+        kh = tap // KW
+        kw = tap - kh * KW
+        ck = (it - tap * c_blocks) * BLOCK_K + ks
+        ck_mask = ck < C_G
+        c = g * C_G + ck
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        in_bounds = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
+        x_ptrs = x_ptr + (x_row + tap_off)[:, None] + (c.to(tl.int64) * sxc)[None, :]
+        a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ck_mask[None, :], c, ck_mask,
+                                mean_ptr, scale_ptr, shift_ptr, w_ptr.dtype.element_ty, ACT)
+        w_ptrs = w_ptr + w_col[None, :] + (ck.to(tl.int64) * swc + kh * swh + kw * sww)[:, None]
+        wt = tl.load(w_ptrs, mask=ck_mask[:, None] & oc_mask[None, :], other=0.0)
+        acc = _mma(a, wt, acc, PREC, UPCAST_BF16)
+
+    out_mask = row_mask[:, None] & oc_mask[None, :]
+    occ = (g * OC_G + oc).to(tl.int64)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + occ, mask=oc_mask, other=0.0).to(tl.float32)[None, :]
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    n64 = n.to(tl.int64)
+    if HAS_RES:
+        r_ptrs = res_ptr + (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (occ * src)[None, :]
+        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + (n64 * syn + oh64 * syh + ow64 * syw)[:, None] + (occ * syc)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dgrad_kernel(
+    go_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, w_ptr, gx_ptr, part_ptr, taps_ptr, ntaps_ptr,
+    N, C, C_G, H, W, OC_G, OH, OW, HP, WP, KW, MAX_TAPS,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    ACT: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Transposed conv as an implicit GEMM, decomposed by stride phase: program
+    # axis 2 enumerates (group, rh, rw) and its rows are the input positions
+    # ih = rh + stride_h * i, iw = rw + stride_w * j. Within one phase a tap
+    # (kh, kw) either hits every row at an exact output position or none, so
+    # only the phase's valid taps (host table) are visited and no MMA work is
+    # spent on taps that stride skips.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    phases = stride_h * stride_w
+    g = pid_z // phases
+    phase = pid_z - g * phases
+    rh = phase // stride_w
+    rw = phase - rh * stride_w
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    jp = rows % WP
+    ip = (rows // WP) % HP
+    n = rows // (WP * HP)
+    ih = rh + ip * stride_h
+    iw = rw + jp * stride_w
+    row_mask = (rows < N * HP * WP) & (ih < H) & (iw < W)
+    n64 = n.to(tl.int64)
+    go_row = n64 * sgn + ip.to(tl.int64) * sgh + jp.to(tl.int64) * sgw
+
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = ci < C_G
+    w_col = ci.to(tl.int64) * swc
+
+    ks = tl.arange(0, BLOCK_K)
+    oc_blocks = tl.cdiv(OC_G, BLOCK_K)
+    k_iters = tl.load(ntaps_ptr + phase) * oc_blocks
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, k_iters):
+        t = it // oc_blocks
+        tap = tl.load(taps_ptr + phase * MAX_TAPS + t)
+        kh = tap // KW
+        kw = tap - kh * KW
+        # Exact division: the host table only lists taps aligned with this phase.
+        qh = (rh + pad_h - kh * dil_h) // stride_h
+        qw = (rw + pad_w - kw * dil_w) // stride_w
+        oh = ip + qh
+        ow = jp + qw
+        valid = row_mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        ok = (it - t * oc_blocks) * BLOCK_K + ks
+        ok_mask = ok < OC_G
+        occ = (g * OC_G + ok).to(tl.int64)
+        go_ptrs = (go_ptr + (go_row + qh.to(tl.int64) * sgh + qw.to(tl.int64) * sgw)[:, None]
+                   + (occ * sgc)[None, :])
+        gt = tl.load(go_ptrs, mask=valid[:, None] & ok_mask[None, :], other=0.0)
+        w_ptrs = w_ptr + (occ * swo + kh * swh + kw * sww)[:, None] + w_col[None, :]
+        wt = tl.load(w_ptrs, mask=ok_mask[:, None] & ci_mask[None, :], other=0.0)
+        acc = _mma(gt.to(w_ptr.dtype.element_ty), wt, acc, PREC, UPCAST_BF16)
+
+    # Epilogue: chain rule through the activation and the affine norm, plus
+    # this tile's per-channel partial sums for grad_scale / grad_shift.
+    mask = row_mask[:, None] & ci_mask[None, :]
+    c = g * C_G + ci
+    c64 = c.to(tl.int64)
+    ih64 = ih.to(tl.int64)
+    iw64 = iw.to(tl.int64)
+    x_ptrs = x_ptr + (n64 * sxn + ih64 * sxh + iw64 * sxw)[:, None] + (c64 * sxc)[None, :]
+    xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(mean_ptr + c, mask=ci_mask, other=0.0)[None, :]
+    sc = tl.load(scale_ptr + c, mask=ci_mask, other=0.0)[None, :]
+    sh = tl.load(shift_ptr + c, mask=ci_mask, other=0.0)[None, :]
+    xc = xv - mu
+    dz = tl.where(mask, acc * _act_grad(xc * sc + sh, ACT), 0.0)
+    gx_ptrs = gx_ptr + (n64 * sdn + ih64 * sdh + iw64 * sdw)[:, None] + (c64 * sdc)[None, :]
+    tl.store(gx_ptrs, (dz * sc).to(gx_ptr.dtype.element_ty), mask=mask)
+
+    # part_ptr is a (2, R, C) fp32 buffer with R = phases * num_pid_m rows.
+    num_rows = phases * tl.num_programs(0)
+    prow = (phase * tl.num_programs(0) + pid_m).to(tl.int64)
+    p_ptrs = part_ptr + prow * C + c64
+    tl.store(p_ptrs, tl.sum(dz * xc, axis=0), mask=ci_mask)
+    tl.store(p_ptrs + num_rows.to(tl.int64) * C, tl.sum(dz, axis=0), mask=ci_mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    go_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr,
+    N, C_G, H, W, OC, OC_G, OH, OW, KH, KW, ITERS_PER_SPLIT, TILES_N,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    ACT: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: a (BLOCK_M output channels) x (BLOCK_N input channels) tile
+    # of one tap (kh, kw) of group g, reduced over one split-K slice of the
+    # N*OH*OW positions. Program axis 0 = (split, oc tile, ci tile).
+    pid0 = tl.program_id(0)
+    tap = tl.program_id(1)
+    g = tl.program_id(2)
+    tiles = tl.cdiv(OC_G, BLOCK_M) * TILES_N
+    split = pid0 // tiles
+    tile = pid0 - split * tiles
+    pid_m = tile // TILES_N
+    pid_n = tile - pid_m * TILES_N
+    kh = tap // KW
+    kw = tap - kh * KW
+
+    oc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    oc_mask = oc < OC_G
+    go_col = (g * OC_G + oc).to(tl.int64) * sgc
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = ci < C_G
+    c = g * C_G + ci
+    x_col = c.to(tl.int64) * sxc
+
+    P = N * OH * OW
+    ps = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, ITERS_PER_SPLIT):
+        p = (split * ITERS_PER_SPLIT + it) * BLOCK_K + ps
+        p_mask = p < P
+        ow = p % OW
+        oh = (p // OW) % OH
+        n64 = (p // (OW * OH)).to(tl.int64)
+        go_ptrs = (go_ptr + go_col[:, None]
+                   + (n64 * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :])
+        gt = tl.load(go_ptrs, mask=oc_mask[:, None] & p_mask[None, :], other=0.0)
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        in_bounds = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_ptrs = (x_ptr + (n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+                  + x_col[None, :])
+        a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ci_mask[None, :], c, ci_mask,
+                                mean_ptr, scale_ptr, shift_ptr, go_ptr.dtype.element_ty, ACT)
+        acc = _mma(gt, a, acc, PREC, UPCAST_BF16)
+
+    # part_ptr is a contiguous fp32 (splits, OC, C_G, KH, KW) buffer.
+    taps = KH * KW
+    base = split.to(tl.int64) * OC * C_G * taps + tap
+    p_ptrs = (part_ptr + base + ((g * OC_G + oc).to(tl.int64) * C_G * taps)[:, None]
+              + (ci.to(tl.int64) * taps)[None, :])
+    tl.store(p_ptrs, acc, mask=oc_mask[:, None] & ci_mask[None, :])
+
+
+def _pick_config(configs, rows, cols, reduction):
+    """First config whose tiles are not mostly padding for this GEMM shape.
+
+    Configs are ordered largest first; a big tile is only worth it when both
+    output dims fill it and the reduction is deep enough to amortise it.
+    """
+    for cfg in configs:
+        if (cols >= cfg["BLOCK_N"] and rows >= cfg["BLOCK_M"]
+                and reduction >= 2 * cfg["BLOCK_K"]):
+            return cfg
+    return configs[-1]
+
+
+def _launch_options(cfg):
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _pair(name, v):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _conv_geometry(x_shape, weight_shape, stride, padding, dilation, groups):
+    N, C, H, W = x_shape
+    if len(weight_shape) != 4:
+        raise ValueError(f"weight must be 4-D (OC, C/groups, KH, KW), got shape {tuple(weight_shape)}")
+    OC, C_G, KH, KW = weight_shape
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if C != C_G * groups or OC % groups:
+        raise ValueError(f"channel mismatch: x has {C} channels, weight {tuple(weight_shape)}, "
+                         f"groups={groups}")
+    sh, sw = _pair("stride", stride)
+    ph, pw = _pair("padding", padding)
+    dh, dw = _pair("dilation", dilation)
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("stride and dilation must be >= 1 and padding >= 0")
+    OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    if OH < 1 or OW < 1:
+        raise ValueError(f"input {H}x{W} is too small for kernel {KH}x{KW} with padding {padding}, "
+                         f"dilation {dilation}")
+    return dict(N=N, C=C, H=H, W=W, OC=OC, C_G=C_G, OC_G=OC // groups, KH=KH, KW=KW, OH=OH, OW=OW,
+                stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups)
+
+
+def _gemm_weight(weight):
+    """Weight with input channels contiguous, copying to channels_last (OHWI) if needed.
+
+    Both kernels that read the weight walk its input channels along a GEMM
+    dimension; with OIHW strides (KH*KW apart) every element is a separate
+    narrow load that cannot go through the async-copy pipeline. 1x1 OIHW and
+    channels_last weights already qualify and are used as is.
+    """
+    if weight.stride(1) == 1:
+        return weight
+    return weight.contiguous(memory_format=torch.channels_last)
+
+
+def _check_common(x, mean, scale, shift, activation):
+    """Validates the prologue inputs; returns (mean, scale, shift, ACT code)."""
+    check_activation_tensor("x", x)
+    C = x.shape[1]
+    return (channel_vector("mean", mean, C), channel_vector("scale", scale, C),
+            channel_vector("shift", shift, C), activation_code(activation))
+
+
+def _check_rows(rows):
+    if rows > MAX_ROWS:
+        raise ValueError(f"N*H*W = {rows} positions exceeds the kernels' int32 row index")
+
+
+def _conv_args(geo):
+    sh, sw = geo["stride"]
+    ph, pw = geo["padding"]
+    dh, dw = geo["dilation"]
+    return (sh, sw, ph, pw, dh, dw)
+
+
+def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, stride, padding,
+                            dilation, groups, activation):
+    """y = conv2d(act((x - mean) * scale + shift), weight, bias, ...) (+ residual)."""
+    mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
+    check_activation_tensor("weight", weight)
+    if x.dtype != weight.dtype and x.dtype != torch.float32:
+        raise TypeError(f"x ({x.dtype}) must match weight ({weight.dtype}) or be float32 (autocast)")
+    geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    y_shape = (geo["N"], geo["OC"], geo["OH"], geo["OW"])
+    if bias is not None and (tuple(bias.shape) != (geo["OC"],) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be {weight.dtype} of shape ({geo['OC']},), "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    if residual is not None and (tuple(residual.shape) != y_shape or residual.dtype != weight.dtype):
+        raise ValueError(f"residual must be {weight.dtype} of shape {y_shape}, "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+    check_device(_fwd_kernel, x, mean, scale, shift, weight, bias, residual)
+    weight = _gemm_weight(weight)
+
+    y = empty_like_format(x, y_shape, weight.dtype)
+    rows = geo["N"] * geo["OH"] * geo["OW"]
+    _check_rows(rows)
+    if rows == 0:
+        return y
+    cfg = _pick_config(FWD_CONFIGS, rows, geo["OC_G"], geo["KH"] * geo["KW"] * geo["C_G"])
+    k_iters = geo["KH"] * geo["KW"] * triton.cdiv(geo["C_G"], cfg["BLOCK_K"])
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(geo["OC_G"], cfg["BLOCK_N"]), groups)
+    # Never dereferenced when the matching HAS_* flag is off; weight is a
+    # read-only tensor of the right dtype, so it is a safe stand-in.
+    bias_arg = weight if bias is None else bias
+    res_arg = weight if residual is None else residual
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    _fwd_kernel[grid](
+        x, mean, scale, shift, weight, bias_arg, res_arg, y,
+        geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], geo["KW"],
+        k_iters,
+        *x.stride(), *weight.stride(), *res_strides, *y.stride(),
+        *_conv_args(geo),
+        ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        **dot_options(_fwd_kernel, weight.dtype),
+        **_launch_options(cfg),
+    )
+    return y
+
+
+@functools.lru_cache(maxsize=256)
+def _phase_taps(kh_size, kw_size, stride, padding, dilation, device):
+    """Per stride phase (rh, rw), the taps kh*KW+kw that land on whole output positions.
+
+    Input row ih = rh + stride*i receives output row oh through tap kh iff
+    ih + pad - kh*dil is a multiple of stride, which depends only on rh.
+    Returns (table[phases, KH*KW] int32, counts[phases] int32) on `device`.
+    """
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    max_taps = kh_size * kw_size
+    table, counts = [], []
+    for rh in range(sh):
+        khs = [k for k in range(kh_size) if (rh + ph - k * dh) % sh == 0]
+        for rw in range(sw):
+            kws = [k for k in range(kw_size) if (rw + pw - k * dw) % sw == 0]
+            taps = [kh * kw_size + kw for kh in khs for kw in kws]
+            counts.append(len(taps))
+            table.append(taps + [0] * (max_taps - len(taps)))
+    return (torch.tensor(table, dtype=torch.int32, device=device),
+            torch.tensor(counts, dtype=torch.int32, device=device))
+
+
+def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding,
+                                   dilation, groups, activation):
+    """Returns (grad_x, grad_scale, grad_shift) for the fused unit.
+
+    grad_scale / grad_shift are float32 (C,) sums over (N, H, W) of dz * (x - mean)
+    and dz, reduced deterministically from per-tile partials.
+    """
+    mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
+    check_activation_tensor("weight", weight)
+    check_activation_tensor("grad_out", grad_out)
+    geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    y_shape = (geo["N"], geo["OC"], geo["OH"], geo["OW"])
+    if tuple(grad_out.shape) != y_shape:
+        raise ValueError(f"grad_out must have shape {y_shape}, got {tuple(grad_out.shape)}")
+    check_device(_dgrad_kernel, grad_out, x, mean, scale, shift, weight)
+    weight = _gemm_weight(weight)
+
+    grad_x = empty_like_format(x, x.shape, x.dtype)
+    C = geo["C"]
+    _check_rows(x.numel() // max(C, 1))
+    (sh, sw), (ph, pw) = geo["stride"], geo["padding"]
+    hp, wp = triton.cdiv(geo["H"], sh), triton.cdiv(geo["W"], sw)
+    rows = geo["N"] * hp * wp
+    if rows == 0 or C == 0:
+        grad_x.zero_()
+        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+        return grad_x, zeros, zeros.clone()
+    cfg = _pick_config(DGRAD_CONFIGS, rows, geo["C_G"], geo["KH"] * geo["KW"] * geo["OC_G"])
+    taps, ntaps = _phase_taps(geo["KH"], geo["KW"], geo["stride"], geo["padding"],
+                              geo["dilation"], x.device)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(geo["C_G"], cfg["BLOCK_N"]),
+            groups * sh * sw)
+    # Every (row, channel) of the partial buffer is written exactly once.
+    partials = torch.empty((2, sh * sw * grid[0], C), dtype=torch.float32, device=x.device)
+    _dgrad_kernel[grid](
+        grad_out, x, mean, scale, shift, weight, grad_x, partials, taps, ntaps,
+        geo["N"], C, geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], hp, wp,
+        geo["KW"], geo["KH"] * geo["KW"],
+        *grad_out.stride(), *x.stride(), *weight.stride(), *grad_x.stride(),
+        *_conv_args(geo),
+        ACT=act, **dot_options(_dgrad_kernel, weight.dtype),
+        **_launch_options(cfg),
+    )
+    return grad_x, partials[0].sum(dim=0), partials[1].sum(dim=0)
+
+
+def _wgrad_splits(base_programs, positions, block_k, device):
+    """Split-K factor: enough programs for ~4 waves, but never slices shorter
+    than _WGRAD_MIN_ITERS_PER_SPLIT steps. Returns (splits, iters_per_split)."""
+    total_iters = triton.cdiv(positions, block_k)
+    want = triton.cdiv(4 * multiprocessor_count(device), base_programs)
+    splits = max(1, min(want, total_iters // _WGRAD_MIN_ITERS_PER_SPLIT))
+    iters = triton.cdiv(total_iters, splits)
+    # Recompute so that no split is empty.
+    return triton.cdiv(total_iters, iters), iters
+
+
+def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shape, stride, padding,
+                                    dilation, groups, activation):
+    """grad_weight of the fused unit, in grad_out's dtype (= weight dtype), fp32-accumulated."""
+    mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
+    check_activation_tensor("grad_out", grad_out)
+    weight_shape = tuple(int(s) for s in weight_shape)
+    geo = _conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
+    y_shape = (geo["N"], geo["OC"], geo["OH"], geo["OW"])
+    if tuple(grad_out.shape) != y_shape:
+        raise ValueError(f"grad_out must have shape {y_shape}, got {tuple(grad_out.shape)}")
+    check_device(_wgrad_kernel, grad_out, x, mean, scale, shift)
+
+    positions = geo["N"] * geo["OH"] * geo["OW"]
+    _check_rows(positions)
+    if positions == 0 or grad_out.numel() == 0 or geo["C_G"] == 0:
+        return torch.zeros(weight_shape, dtype=grad_out.dtype, device=x.device)
+    cfg = _pick_config(WGRAD_CONFIGS, geo["OC_G"], geo["C_G"], positions)
+    tiles_n = triton.cdiv(geo["C_G"], cfg["BLOCK_N"])
+    tiles = triton.cdiv(geo["OC_G"], cfg["BLOCK_M"]) * tiles_n
+    taps = geo["KH"] * geo["KW"]
+    splits, iters = _wgrad_splits(tiles * taps * groups, positions, cfg["BLOCK_K"], x.device)
+    partials = torch.empty((splits,) + weight_shape, dtype=torch.float32, device=x.device)
+    grid = (splits * tiles, taps, groups)
+    _wgrad_kernel[grid](
+        grad_out, x, mean, scale, shift, partials,
+        geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC"], geo["OC_G"], geo["OH"], geo["OW"],
+        geo["KH"], geo["KW"], iters, tiles_n,
+        *grad_out.stride(), *x.stride(),
+        *_conv_args(geo),
+        ACT=act, **dot_options(_wgrad_kernel, grad_out.dtype),
+        **_launch_options(cfg),
+    )
+    return partials.sum(dim=0).to(grad_out.dtype)

@@ -1,0 +1,283 @@
+"""Numerical tests of the Triton launchers against float64 torch references.
+
+Runs on CUDA when available, otherwise on CPU under the Triton interpreter:
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton_kernels.py -q
+Shapes are tiny because the interpreter executes every program in numpy.
+"""
+import os
+
+import pytest
+import torch
+
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import torch.nn.functional as F  # noqa: E402
+
+from resfast.kernels import conv, stats  # noqa: E402
+from resfast.kernels import (  # noqa: E402
+    channel_stats,
+    channel_stats_backward,
+    norm_act_conv2d_backward_input,
+    norm_act_conv2d_backward_weight,
+    norm_act_conv2d_forward,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative to the largest reference magnitude. fp32 runs with exact ("ieee")
+# dots, so only accumulation order differs from the float64 reference.
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """Make every torch.empty float buffer NaN so unwritten outputs or partials fail loudly."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    if torch.cuda.is_available():
+        # Kernels are checked with exact fp32 dots; TF32 would need looser tolerances.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.double()
+    assert not torch.isnan(actual).any(), f"{what}: {int(torch.isnan(actual).sum())} NaN entries"
+    err = (actual - expected).abs()
+    scale = expected.abs().max().clamp_min(1e-6)
+    worst = int(err.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+    rel = float(err.max() / scale)
+    assert rel <= tol, (f"{what}: worst error {float(err.max()):.3e} at {idx} "
+                        f"(got {float(actual[idx]):.6g}, want {float(expected[idx]):.6g}), "
+                        f"relative {rel:.3e} > {tol:.0e}")
+
+
+def make_x(shape, dtype, layout):
+    x = torch.randn(shape, device=DEVICE) * 1.5 + 0.3
+    if layout == "channels_last":
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        # Neither NCHW nor channels_last: channel stride between H and W strides.
+        n, c, h, w = shape
+        return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).to(dtype)
+    return x.to(dtype)
+
+
+def make_norm(c):
+    mean = torch.randn(c, device=DEVICE) * 0.5
+    sign = torch.where(torch.arange(c, device=DEVICE) % 3 == 1, -1.0, 1.0)
+    scale = sign * (0.5 + torch.rand(c, device=DEVICE))
+    shift = torch.randn(c, device=DEVICE) * 0.5
+    return mean, scale, shift
+
+
+def reference_activation(x, mean, scale, shift, activation, dot_dtype):
+    z = (x.double() - mean.double()[:, None, None]) * scale.double()[:, None, None] \
+        + shift.double()[:, None, None]
+    a = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}[activation](z)
+    # The kernels round a to the weight dtype before the dot; mimic that
+    # (a differentiable cast, so autograd still sees the chain rule).
+    return a if dot_dtype == torch.float32 else a.to(dot_dtype).double()
+
+
+# (id, N, C, H, W, OC, kernel, stride, padding, dilation, groups, activation,
+#  layout, bias, residual, x dtype, weight dtype)
+CASES = [
+    ("k1-nchw-relu", 2, 5, 5, 5, 6, 1, 1, 0, 1, 1, "relu", "nchw", True, False,
+     torch.float32, torch.float32),
+    ("k3p1-cl-silu-res", 2, 20, 7, 9, 10, 3, 1, 1, 1, 1, "silu", "channels_last", False, True,
+     torch.float32, torch.float32),
+    ("k7s2p3-stem-cl", 1, 3, 9, 7, 6, 7, 2, 3, 1, 1, "relu", "channels_last", True, False,
+     torch.float32, torch.float32),
+    ("k3s2p1-nchw-id-res", 2, 5, 7, 9, 6, 3, 2, 1, 1, 1, "identity", "nchw", True, True,
+     torch.float32, torch.float32),
+    ("k3d2p2-silu", 1, 5, 7, 9, 6, 3, 1, 2, 2, 1, "silu", "nchw", False, False,
+     torch.float32, torch.float32),
+    ("k3p1-g2-cl", 2, 6, 5, 5, 10, 3, 1, 1, 1, 2, "silu", "channels_last", True, False,
+     torch.float32, torch.float32),
+    ("k1s2-down-wide", 2, 20, 7, 9, 40, 1, 2, 0, 1, 1, "relu", "nchw", False, False,
+     torch.float32, torch.float32),
+    ("k3p1-strided", 1, 5, 5, 7, 6, 3, 1, 1, 1, 1, "relu", "strided", True, True,
+     torch.float32, torch.float32),
+    ("k3p1-bf16-cl", 2, 20, 7, 9, 10, 3, 1, 1, 1, 1, "silu", "channels_last", True, True,
+     torch.bfloat16, torch.bfloat16),
+    ("k3s2-autocast-fp16", 1, 5, 7, 9, 6, 3, 2, 1, 1, 1, "relu", "channels_last", False, False,
+     torch.float32, torch.float16),
+]
+
+
+class Case:
+    def __init__(self, params):
+        (self.id, n, c, h, w, oc, k, s, p, d, self.groups, self.activation, self.layout,
+         has_bias, has_res, self.dtype, self.wdtype) = params
+        self.stride, self.padding, self.dilation = (s, s), (p, p), (d, d)
+        self.x = make_x((n, c, h, w), self.dtype, self.layout)
+        self.mean, self.scale, self.shift = make_norm(c)
+        self.weight = (torch.randn(oc, c // self.groups, k, k, device=DEVICE) / (k * (c ** 0.5))
+                       ).to(self.wdtype)
+        self.bias = torch.randn(oc, device=DEVICE).to(self.wdtype) if has_bias else None
+        self.out_shape = F.conv2d(torch.empty(n, c, h, w, device="meta"),
+                                  torch.empty(self.weight.shape, device="meta"),
+                                  None, self.stride, self.padding, self.dilation, self.groups).shape
+        self.residual = make_x(self.out_shape, self.wdtype, self.layout) if has_res else None
+        self.grad_out = make_x(self.out_shape, self.wdtype, self.layout)
+
+    @property
+    def conv_args(self):
+        return self.stride, self.padding, self.dilation, self.groups, self.activation
+
+    def reference(self):
+        """Float64 forward output and autograd gradients (x, scale, shift, weight)."""
+        x = self.x.double().requires_grad_()
+        scale = self.scale.double().requires_grad_()
+        shift = self.shift.double().requires_grad_()
+        weight = self.weight.double().requires_grad_()
+        a = reference_activation(x, self.mean, scale, shift, self.activation, self.wdtype)
+        y = F.conv2d(a, weight, None if self.bias is None else self.bias.double(),
+                     self.stride, self.padding, self.dilation, self.groups)
+        if self.residual is not None:
+            y = y + self.residual.double()
+        grads = torch.autograd.grad(y, (x, scale, shift, weight), self.grad_out.double())
+        return (y.detach(),) + grads
+
+
+@pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
+def case(request):
+    torch.manual_seed(sum(map(ord, request.param[0])))
+    return Case(request.param)
+
+
+def expect_format(out, like, what):
+    cl = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    if cl:
+        assert out.is_contiguous(memory_format=torch.channels_last), f"{what} should be channels_last"
+    else:
+        assert out.is_contiguous(), f"{what} should be NCHW-contiguous"
+
+
+def test_forward(case):
+    y = norm_act_conv2d_forward(case.x, case.mean, case.scale, case.shift, case.weight, case.bias,
+                                case.residual, *case.conv_args)
+    y_ref = case.reference()[0]
+    assert y.dtype == case.wdtype
+    expect_format(y, case.x, "y")
+    assert_close(y, y_ref, TOL[case.wdtype], f"{case.id} y")
+
+
+def test_backward_input(case):
+    grad_x, grad_scale, grad_shift = norm_act_conv2d_backward_input(
+        case.grad_out, case.x, case.mean, case.scale, case.shift, case.weight, *case.conv_args)
+    _, gx_ref, gscale_ref, gshift_ref, _ = case.reference()
+    assert grad_x.dtype == case.dtype
+    assert grad_scale.dtype == grad_shift.dtype == torch.float32
+    expect_format(grad_x, case.x, "grad_x")
+    tol = TOL[case.wdtype]
+    assert_close(grad_x, gx_ref, tol, f"{case.id} grad_x")
+    assert_close(grad_scale, gscale_ref, tol, f"{case.id} grad_scale")
+    assert_close(grad_shift, gshift_ref, tol, f"{case.id} grad_shift")
+
+
+def test_backward_weight(case):
+    grad_w = norm_act_conv2d_backward_weight(case.grad_out, case.x, case.mean, case.scale,
+                                             case.shift, case.weight.shape, *case.conv_args)
+    gw_ref = case.reference()[4]
+    assert grad_w.dtype == case.wdtype
+    assert_close(grad_w, gw_ref, TOL[case.wdtype], f"{case.id} grad_weight")
+
+
+def test_backward_weight_split_k():
+    # Enough positions that the reduction is split across programs.
+    torch.manual_seed(7)
+    c = Case(("split-k", 2, 5, 16, 20, 6, 3, 1, 1, 1, 1, "silu", "channels_last", False, False,
+              torch.float32, torch.float32))
+    cfg = conv._pick_config(conv.WGRAD_CONFIGS, 6, 5, 2 * 16 * 20)
+    splits, _ = conv._wgrad_splits(9, 2 * 16 * 20, cfg["BLOCK_K"], c.x.device)
+    assert splits > 1
+    grad_w = norm_act_conv2d_backward_weight(c.grad_out, c.x, c.mean, c.scale, c.shift,
+                                             c.weight.shape, *c.conv_args)
+    assert_close(grad_w, c.reference()[4], TOL[torch.float32], "split-k grad_weight")
+
+
+def test_backward_input_stride_phase_without_taps():
+    # 1x1 stride-2 conv: odd input rows/cols get no tap at all and must come back 0.
+    torch.manual_seed(3)
+    c = Case(("k1s2", 1, 5, 5, 7, 6, 1, 2, 0, 1, 1, "relu", "nchw", False, False,
+              torch.float32, torch.float32))
+    grad_x, _, _ = norm_act_conv2d_backward_input(c.grad_out, c.x, c.mean, c.scale, c.shift,
+                                                  c.weight, *c.conv_args)
+    assert (grad_x[:, :, 1::2] == 0).all() and (grad_x[:, :, :, 1::2] == 0).all()
+    assert_close(grad_x, c.reference()[1], TOL[torch.float32], "k1s2 grad_x")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("few_programs", [False, True], ids=["wide", "folded"])
+def test_channel_stats(layout, dtype, few_programs, monkeypatch):
+    if few_programs:
+        # One program per channel tile, so every program folds many row tiles.
+        monkeypatch.setattr(stats, "multiprocessor_count", lambda device: 1)
+    torch.manual_seed(11)
+    x = make_x((4, 20, 13, 11), dtype, layout)
+    mean, var = channel_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert mean.dtype == var.dtype == torch.float32
+    assert_close(mean, mean_ref, 1e-5, "mean")
+    assert_close(var, var_ref, 1e-5, "var")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_channel_stats_large_mean(layout):
+    torch.manual_seed(5)
+    x = make_x((4, 3, 32, 32), torch.float32, layout) + 1e4
+    mean, var = channel_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert_close(mean, mean_ref, 1e-6, "mean")
+    rel = float(((var.double() - var_ref) / var_ref).abs().max())
+    assert rel < 1e-3, f"var relative error {rel:.3e} with a 1e4 offset"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_stats_backward(layout, dtype):
+    torch.manual_seed(13)
+    x = make_x((2, 6, 5, 7), dtype, layout)
+    mean = x.double().mean(dim=(0, 2, 3)).float()
+    grad_mean, grad_var = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+    grad_x = channel_stats_backward(x, mean, grad_mean, grad_var)
+    x64 = x.double().requires_grad_()
+    var_ref, mean_ref = torch.var_mean(x64, dim=(0, 2, 3), correction=0)
+    ref, = torch.autograd.grad((mean_ref, var_ref), x64, (grad_mean.double(), grad_var.double()))
+    assert grad_x.dtype == dtype
+    expect_format(grad_x, x, "grad_x")
+    assert_close(grad_x, ref, TOL[dtype], "stats grad_x")
+
+    only_mean = channel_stats_backward(x, mean, grad_mean, None)
+    expected = (grad_mean.double() / x[:, 0].numel())[None, :, None, None].expand(x.shape)
+    assert_close(only_mean, expected, TOL[dtype], "stats grad_x with grad_var=None")
+
+
+def test_rejects_unsupported_inputs():
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    mean, scale, shift = make_norm(4)
+    w = torch.randn(4, 4, 3, 3, device=DEVICE)
+    args = (None, None, (1, 1), (1, 1), (1, 1), 1, "relu")
+    with pytest.raises(ValueError, match="x"):
+        norm_act_conv2d_forward(x.double(), mean, scale, shift, w.double(), *args)
+    with pytest.raises(TypeError, match="x"):
+        norm_act_conv2d_forward(x.to(torch.int32), mean, scale, shift, w, *args)
+    with pytest.raises(ValueError, match="4-D"):
+        norm_act_conv2d_forward(x[0], mean, scale, shift, w, *args)
+    with pytest.raises(ValueError, match="activation"):
+        norm_act_conv2d_forward(x, mean, scale, shift, w, *args[:-1], "gelu")
+    with pytest.raises(ValueError, match="channel"):
+        norm_act_conv2d_forward(x, mean, scale, shift, w[:, :3], *args)
+    with pytest.raises(ValueError, match="x"):
+        channel_stats(x.double())
