@@ -31,9 +31,6 @@ import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
 def want_cuda() -> bool:
     forced = os.environ.get("FORCE_CUDA")
     if forced is not None:

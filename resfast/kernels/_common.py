@@ -32,7 +32,7 @@ def check_activation_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
     if t.dtype == torch.float64:
         raise ValueError(f"{name} is float64, which the Triton kernels do not support; "
                          "use the reference path for double precision")

@@ -423,14 +423,14 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
     y = empty_like_format(x, y_shape, weight.dtype)
     rows = geo["N"] * geo["OH"] * geo["OW"]
     _check_rows(rows)
-    if rows == 0:
+    if y.numel() == 0:
         return y
     cfg = _pick_config(FWD_CONFIGS, rows, geo["OC_G"], geo["KH"] * geo["KW"] * geo["C_G"])
     k_iters = geo["KH"] * geo["KW"] * triton.cdiv(geo["C_G"], cfg["BLOCK_K"])
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(geo["OC_G"], cfg["BLOCK_N"]), groups)
     # Never dereferenced when the matching HAS_* flag is off; weight is a
     # read-only tensor of the right dtype, so it is a safe stand-in.
-    bias_arg = weight if bias is None else bias
+    bias_arg = weight if bias is None else bias.contiguous()
     res_arg = weight if residual is None else residual
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     _fwd_kernel[grid](
@@ -488,7 +488,7 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
     grad_x = empty_like_format(x, x.shape, x.dtype)
     C = geo["C"]
     _check_rows(x.numel() // max(C, 1))
-    (sh, sw), (ph, pw) = geo["stride"], geo["padding"]
+    sh, sw = geo["stride"]
     hp, wp = triton.cdiv(geo["H"], sh), triton.cdiv(geo["W"], sw)
     rows = geo["N"] * hp * wp
     if rows == 0 or C == 0:
@@ -539,7 +539,7 @@ def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shap
 
     positions = geo["N"] * geo["OH"] * geo["OW"]
     _check_rows(positions)
-    if positions == 0 or grad_out.numel() == 0 or geo["C_G"] == 0:
+    if grad_out.numel() == 0 or geo["C_G"] == 0:
         return torch.zeros(weight_shape, dtype=grad_out.dtype, device=x.device)
     cfg = _pick_config(WGRAD_CONFIGS, geo["OC_G"], geo["C_G"], positions)
     tiles_n = triton.cdiv(geo["C_G"], cfg["BLOCK_N"])
