@@ -1,0 +1,45 @@
+"""pytest-benchmark cases for the fused unit (`pytest benchmarks --benchmark-only`).
+
+The same cases as `python -m resfast.bench --suite ops`; each case is timed for
+eager PyTorch and resfast in training and inference. Ratios worth quoting come
+from `python -m resfast.bench`, which interleaves the providers in one loop.
+"""
+
+import pytest
+import torch
+
+from resfast.bench.cases import QUICK_OPS
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+
+
+def _step(module, x, training):
+    if training:
+        def run():
+            for p in module.parameters():
+                p.grad = None
+            module(x).sum().backward()
+    else:
+        def run():
+            with torch.no_grad():
+                module(x)
+    return run
+
+
+@pytest.mark.parametrize("case", QUICK_OPS, ids=[c.name for c in QUICK_OPS])
+@pytest.mark.parametrize("provider", ["eager", "resfast"])
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_unit(benchmark, case, provider, mode):
+    eager, ours, x = case.build(2, DEVICE, DTYPE, channels_last=DEVICE.type == "cuda")
+    module = (eager if provider == "eager" else ours).train(mode == "training")
+    if mode == "training":
+        x = x.requires_grad_()
+    run = _step(module, x, mode == "training")
+    if DEVICE.type == "cuda":
+        def timed():
+            run()
+            torch.cuda.synchronize()
+        benchmark(timed)
+    else:
+        benchmark(run)
