@@ -66,7 +66,6 @@ def make_x(shape, dtype, layout):
         return x.to(dtype).contiguous(memory_format=torch.channels_last)
     if layout == "strided":
         # Neither NCHW nor channels_last: channel stride between H and W strides.
-        n, c, h, w = shape
         return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).to(dtype)
     return x.to(dtype)
 

@@ -105,7 +105,7 @@ def _pick_config(x):
 
 
 def _rows(x):
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     rows = n * h * w
     if rows > MAX_ROWS:
         raise ValueError(f"N*H*W = {rows} positions exceeds the kernels' int32 row index")
@@ -121,7 +121,7 @@ def channel_stats(x):
     """(mean, var) of x over (N, H, W): float32 (C,) each, biased variance."""
     check_activation_tensor("x", x)
     check_device(_stats_partial_kernel, x)
-    N, C, H, W = x.shape
+    _, C, H, W = x.shape
     M = _rows(x)
     if M == 0 or C == 0:
         nan = torch.full((C,), float("nan"), dtype=torch.float32, device=x.device)
@@ -149,12 +149,11 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
     grad_mean / grad_var may be None (output unused by autograd) and count as zero.
     """
     check_activation_tensor("x", x)
-    N, C, H, W = x.shape
-    zeros = None
-    if grad_mean is None or grad_var is None:
-        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
-    grad_mean = zeros if grad_mean is None else grad_mean
-    grad_var = zeros if grad_var is None else grad_var
+    _, C, H, W = x.shape
+    if grad_mean is None:
+        grad_mean = torch.zeros(C, dtype=torch.float32, device=x.device)
+    if grad_var is None:
+        grad_var = torch.zeros(C, dtype=torch.float32, device=x.device)
     mean = channel_vector("mean", mean, C)
     grad_mean = channel_vector("grad_mean", grad_mean, C)
     grad_var = channel_vector("grad_var", grad_var, C)
@@ -165,6 +164,6 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
         return grad_x
     cfg = _pick_config(x)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
-    _stats_backward_kernel[grid](x, mean, grad_mean, grad_var, grad_x, 1.0 / M, M, C, H * W, W, *x.stride(), *grad_x.stride(),
-                                 **_launch_options(cfg))
+    _stats_backward_kernel[grid](x, mean, grad_mean, grad_var, grad_x, 1.0 / M, M, C, H * W, W,
+                                 *x.stride(), *grad_x.stride(), **_launch_options(cfg))
     return grad_x
