@@ -8,10 +8,15 @@ _load_extension()
 from resfast.ops import library  # noqa: E402,F401  (registers fake, autograd and Triton kernels)
 from resfast.ops.backend import BACKENDS, backend  # noqa: E402
 from resfast.ops.functional import (  # noqa: E402
+    NormAffine,
+    affine_act_conv2d,
     batch_norm_act_conv2d,
+    batch_norm_affine,
     channel_stats,
     conv_padding,
+    drop_path,
     norm_act_conv2d,
 )
 
-__all__ = ["BACKENDS", "backend", "batch_norm_act_conv2d", "channel_stats", "conv_padding", "norm_act_conv2d"]
+__all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "backend", "batch_norm_act_conv2d", "batch_norm_affine",
+           "channel_stats", "conv_padding", "drop_path", "norm_act_conv2d"]

@@ -2,6 +2,7 @@
 their arguments, handle autocast, and compose the registered resfast ops."""
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,19 +84,24 @@ def _check_finite(name, value, low=None):
         raise ValueError(f"{name}: expected a finite number{'' if low is None else f' >= {low}'}, got {value!r}")
 
 
-def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
-                          bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None):
-    """conv2d(act(batch_norm(x)), weight, bias) + residual in one fused unit.
+class NormAffine(NamedTuple):
+    """A normalisation as the fused op applies it: act((x - mean) * scale + shift).
+    batch_invstd is set when mean and scale come from x's own batch statistics
+    (training-mode BatchNorm), whose gradient the fused op then includes."""
 
-    The BatchNorm arguments mean what they mean for F.batch_norm: with
+    mean: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    batch_invstd: Optional[torch.Tensor]
+
+
+def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps) -> NormAffine:
+    """BatchNorm of x as a NormAffine, with F.batch_norm's semantics: with
     training=True the batch statistics are used and, when given, running_mean
     and running_var are updated in place with `momentum` (unbiased variance);
-    otherwise the running statistics are used.
-    """
+    otherwise the running statistics are used. One statistics pass serves every
+    consumer of the result."""
     check_activation_input(x)
-    check_activation(activation)
-    check_conv_args(x, weight, _pair(stride), conv_padding(padding, weight.shape[2:], _pair(dilation)),
-                    _pair(dilation), groups)
     _check_finite("eps", eps, low=0)
     if training and running_mean is not None:
         _check_finite("momentum", momentum)
@@ -108,13 +114,6 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if training and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    if x.numel() == 0:
-        # Nothing to fuse: eager torch defines what an empty batch returns.
-        a = _ACTIVATIONS[activation](F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
-                                                  momentum, eps))
-        y = F.conv2d(a, weight, bias, stride, conv_padding(padding, weight.shape[2:], _pair(dilation)), dilation,
-                     groups)
-        return y if residual is None else y + residual
 
     acc = accumulation_dtype(x.dtype)
     if training:
@@ -133,5 +132,40 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
         mean, batch_invstd = running_mean.to(acc), None
     scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
     shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.to(acc)
-    return norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                           activation, batch_invstd)
+    return NormAffine(mean, scale, shift, batch_invstd)
+
+
+def affine_act_conv2d(x, affine: NormAffine, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
+                      groups=1, activation="relu"):
+    """norm_act_conv2d with the normalisation given as a NormAffine."""
+    return norm_act_conv2d(x, affine.mean, affine.scale, affine.shift, weight, bias, residual, stride, padding,
+                           dilation, groups, activation, affine.batch_invstd)
+
+
+def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
+                          bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None):
+    """conv2d(act(batch_norm(x)), weight, bias) + residual in one fused unit;
+    the BatchNorm arguments are those of F.batch_norm (see batch_norm_affine)."""
+    check_activation_input(x)
+    check_activation(activation)
+    check_conv_args(x, weight, _pair(stride), conv_padding(padding, weight.shape[2:], _pair(dilation)),
+                    _pair(dilation), groups)
+    if x.numel() == 0:
+        # Nothing to fuse: eager torch defines what an empty batch returns.
+        a = _ACTIVATIONS[activation](F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
+                                                  momentum, eps))
+        y = F.conv2d(a, weight, bias, stride, conv_padding(padding, weight.shape[2:], _pair(dilation)), dilation,
+                     groups)
+        return y if residual is None else y + residual
+    affine = batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return affine_act_conv2d(x, affine, weight, bias, residual, stride, padding, dilation, groups, activation)
+
+
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth (Huang et al. 2016): zero whole samples with
+    probability p in training and scale the kept ones by 1 / (1 - p)."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
