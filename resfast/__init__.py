@@ -1,7 +1,7 @@
 """resfast: fused kernels for pre-activation residual, dense and U-shaped conv nets."""
 
-from resfast import nn, ops
+from resfast import models, nn, ops
 from resfast.ops.backend import backend
 
 __version__ = "0.1.0"
-__all__ = ["backend", "nn", "ops"]
+__all__ = ["backend", "models", "nn", "ops"]

@@ -6,7 +6,22 @@ from torch import nn
 from resfast import ops
 
 
-def _check_conv_module(conv: nn.Conv2d):
+def batch_norm_args(bn: nn.BatchNorm2d, training: bool):
+    """What nn.BatchNorm2d.forward passes to F.batch_norm (running statistics,
+    weight, bias, whether to use batch statistics, momentum factor, eps), with
+    its num_batches_tracked and cumulative-average bookkeeping. Call once per
+    forward: it counts the batch."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not training or bn.track_running_stats
+    return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
+            bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+
+
+def check_conv_module(conv: nn.Conv2d):
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
         raise TypeError(f"conv: expected a plain nn.Conv2d, got {type(conv).__name__}")
     if conv.padding_mode != "zeros":
@@ -35,7 +50,7 @@ class BNReLUConv2d(nn.Module):
     def _adopt(self, bn, conv, activation):
         if not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"bn: expected an nn.BatchNorm2d, got {type(bn).__name__}")
-        _check_conv_module(conv)
+        check_conv_module(conv)
         if bn.num_features != conv.in_channels:
             raise ValueError(f"bn: expected num_features = conv.in_channels = {conv.in_channels}, "
                              f"got {bn.num_features}")
@@ -54,23 +69,22 @@ class BNReLUConv2d(nn.Module):
         unit._adopt(bn, conv, activation)
         return unit
 
-    def _batch_norm_args(self):
-        """What nn.BatchNorm2d.forward passes to F.batch_norm, with its
-        num_batches_tracked and cumulative-average bookkeeping."""
-        bn = self.bn
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        keep_running = not self.training or bn.track_running_stats
-        return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
-                bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv = self.conv
-        return ops.batch_norm_act_conv2d(x, *self._batch_norm_args(), conv.weight, conv.bias, conv.stride,
+        return ops.batch_norm_act_conv2d(x, *batch_norm_args(self.bn, self.training), conv.weight, conv.bias, conv.stride,
                                          self._padding, conv.dilation, conv.groups, self.activation, residual)
 
     def extra_repr(self):
         return f"activation={self.activation!r}"
+
+
+def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residual=None, activation="relu"):
+    """conv(act(normalised x)) + residual, one fused op, with conv's parameters."""
+    return ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride,
+                                 ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
+                                 conv.groups, activation)
+
+
+def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool) -> "ops.NormAffine":
+    """bn's normalisation of x (one statistics pass, running statistics updated)."""
+    return ops.batch_norm_affine(x, *batch_norm_args(bn, training))

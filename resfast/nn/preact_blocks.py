@@ -1,0 +1,109 @@
+"""Pre-activation residual blocks (He et al. 2016, "Identity Mappings in Deep
+Residual Networks") built from fused BN→ReLU→conv units.
+
+Parameters and buffers are named as in timm's PreActBasic / PreActBottleneck
+(norm1, conv1, ..., downsample.conv), so their state dicts load directly. The
+shortcut projection takes the block's shared pre-activation: both of its
+consumers (conv1 and the projection) apply it as they load x, from one
+statistics pass; the residual add happens in the last convolution's epilogue.
+"""
+
+import torch
+from torch import nn
+
+from resfast import ops
+from resfast.nn.norm_act_conv import batch_norm_affine, norm_conv
+
+
+def make_divisible(v, divisor=8, round_limit=0.9):
+    """Round a channel count to a multiple of divisor, never losing more than
+    10% (the rule of timm's blocks, whose widths must match to load its weights)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < round_limit * v else new_v
+
+
+class Projection(nn.Module):
+    """The 1x1 strided shortcut convolution (`downsample.conv`)."""
+
+    def __init__(self, in_chs, out_chs, stride=1, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, device=device, dtype=dtype)
+
+
+class _PreActBlock(nn.Module):
+    def _make_projection(self, in_chs, out_chs, stride, factory):
+        needs = in_chs != out_chs or stride != 1
+        return Projection(in_chs, out_chs, stride, **factory) if needs else None
+
+    def _shortcut(self, x, preact):
+        return x if self.downsample is None else norm_conv(x, preact, self.downsample.conv)
+
+    def _last(self, h, bn, conv, shortcut):
+        affine = batch_norm_affine(h, bn, self.training)
+        if self.training and self.drop_path_rate > 0:
+            # Stochastic depth scales the branch per sample before the add, so
+            # the add cannot ride in the epilogue.
+            return shortcut + ops.drop_path(norm_conv(h, affine, conv), self.drop_path_rate, True)
+        return norm_conv(h, affine, conv, residual=shortcut)
+
+    def extra_repr(self):
+        return f"drop_path_rate={self.drop_path_rate}" if self.drop_path_rate else ""
+
+
+class PreActBasicBlock(_PreActBlock):
+    """BN→ReLU→conv3x3 (stride) → BN→ReLU→conv3x3, plus the shortcut."""
+
+    expansion = 1
+
+    def __init__(self, in_chs, out_chs, stride=1, groups=1, dilation=1, drop_path_rate=0.0, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.downsample = self._make_projection(in_chs, out_chs, stride, factory)
+        self.norm1 = nn.BatchNorm2d(in_chs, **factory)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, dilation, dilation, groups, bias=False, **factory)
+        self.norm2 = nn.BatchNorm2d(out_chs, **factory)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, 1, dilation, dilation, groups, bias=False, **factory)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preact = batch_norm_affine(x, self.norm1, self.training)
+        shortcut = self._shortcut(x, preact)
+        h = norm_conv(x, preact, self.conv1)
+        return self._last(h, self.norm2, self.conv2, shortcut)
+
+
+class PreActBottleneck(_PreActBlock):
+    """BN→ReLU→conv1x1 → BN→ReLU→conv3x3 (stride, groups) → BN→ReLU→conv1x1
+    (expansion 4), plus the shortcut.
+
+    The middle width is out_chs * bottle_ratio (rounded as timm does), or, for
+    ResNeXt-style blocks, out_chs * bottle_ratio * width_per_group / 64 * groups
+    (torchvision's rule).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_chs, out_chs, stride=1, bottle_ratio=0.25, groups=1, width_per_group=None, dilation=1,
+                 drop_path_rate=0.0, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if width_per_group is None:
+            mid_chs = make_divisible(out_chs * bottle_ratio)
+        else:
+            mid_chs = int(int(out_chs * bottle_ratio) * width_per_group / 64) * groups
+        self.downsample = self._make_projection(in_chs, out_chs, stride, factory)
+        self.norm1 = nn.BatchNorm2d(in_chs, **factory)
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False, **factory)
+        self.norm2 = nn.BatchNorm2d(mid_chs, **factory)
+        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride, dilation, dilation, groups, bias=False, **factory)
+        self.norm3 = nn.BatchNorm2d(mid_chs, **factory)
+        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False, **factory)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preact = batch_norm_affine(x, self.norm1, self.training)
+        shortcut = self._shortcut(x, preact)
+        h = norm_conv(x, preact, self.conv1)
+        h = norm_conv(h, batch_norm_affine(h, self.norm2, self.training), self.conv2)
+        return self._last(h, self.norm3, self.conv3, shortcut)

@@ -1,0 +1,224 @@
+"""Pre-activation blocks and ResNet-v2 models against timm's ResNetV2 with the
+same weights (timm's blocks are plain torch.nn: BatchNormAct2d and Conv2d)."""
+
+import pytest
+import torch
+from timm.layers import BatchNormAct2d, create_conv2d
+from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
+
+import resfast
+from conftest import available_backends
+from utils import assert_close
+
+BACKENDS = available_backends()
+
+# A small pre-activation ResNet that exercises every block kind: stride-1 and
+# stride-2 projections, identity shortcuts, and 4 stages.
+SMALL = dict(layers=[1, 2, 1, 1], channels=(32, 48, 64, 96), stem_chs=16, num_classes=10)
+SMALL_BASIC = dict(layers=[1, 2, 1, 1], channels=(16, 24, 32, 48), stem_chs=16, num_classes=10, basic=True,
+                   bottle_ratio=1.0)
+
+
+def timm_model(**cfg):
+    return TimmResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, **cfg)
+
+
+def randomize(model):
+    """Non-trivial weights and statistics everywhere (timm zero-initialises
+    the last conv of each block, which would hide the residual branches)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1:
+                p.uniform_(-0.2, 0.2)
+            else:
+                p.normal_(0, (2.0 / p[0].numel()) ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.uniform_(-0.5, 0.5)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+    return model
+
+
+def pair(cfg, dtype=torch.float32):
+    ref = randomize(timm_model(**cfg))
+    ours = resfast.models.ResNetV2(**cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours.to(dtype), ref.double()
+
+
+def compare_models(ours, ref, x, training, backend="cpu", dtype=torch.float32, tol=None, grads=True):
+    ours.train(training)
+    ref.train(training)
+    x_ref = x.double().requires_grad_()
+    y_ref = ref(x_ref)
+    xin = x.to(dtype).requires_grad_()
+    with resfast.backend(backend):
+        y = ours(xin)
+        if grads:
+            g = torch.randn_like(y_ref)
+            y_ref.backward(g)
+            y.backward(g.to(y.dtype))
+    assert_close(y, y_ref, dtype, "logits", tol)
+    if grads:
+        assert_close(xin.grad, x_ref.grad, dtype, "grad input", tol)
+        ref_params = dict(ref.named_parameters())
+        for name, p in ours.named_parameters():
+            assert_close(p.grad, ref_params[name].grad, dtype, f"grad {name}", tol)
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in ours.named_buffers():
+        if b.is_floating_point():
+            assert_close(b, ref_buffers[name], dtype, name, tol)
+        else:
+            assert torch.equal(b, ref_buffers[name]), name
+
+
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] != "triton"])
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_BASIC], ids=["bottleneck", "basic"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_small_model_matches_timm(backend, device, cfg, training, channels_last):
+    ours, ref = pair(cfg)
+    x = torch.randn(2, 3, 40, 44)
+    if channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    compare_models(ours.to(device), ref, x.to(device), training, backend)
+
+
+@pytest.mark.skipif(not any(b == "triton" for b, _ in BACKENDS), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_tiny_model_triton_matches_timm(training):
+    cfg = dict(layers=[1, 1], channels=(16, 32), stem_chs=8, num_classes=5)
+    ours, ref = pair(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = ours.to(device, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 20, 18).contiguous(memory_format=torch.channels_last)
+    compare_models(ours, ref, x.to(device), training, backend="triton")
+
+
+def test_stochastic_depth_matches_timm():
+    """Same seed, same per-sample masks: drop_path rises linearly over depth
+    and is the identity in eval mode."""
+    cfg = dict(SMALL, drop_path_rate=0.3)
+    ours, ref = pair(cfg)
+    rates = [b.drop_path_rate for s in ours.stages for b in s.blocks]
+    assert rates[0] == 0 and abs(rates[-1] - 0.3) < 1e-6 and rates == sorted(rates)
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(5)
+    y_ref = ref.train()(x.double())
+    torch.manual_seed(5)
+    y = ours.train()(x)
+    assert_close(y, y_ref, torch.float32, "train logits with drop_path")
+    compare_models(ours, ref, x, training=False, grads=False)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_grouped_bottleneck_matches_timm_block(training):
+    from functools import partial
+
+    from timm.models.resnetv2 import DownsampleConv, PreActBottleneck
+
+    ref = randomize(PreActBottleneck(32, 64, stride=2, groups=4, conv_layer=create_conv2d, norm_layer=BatchNormAct2d,
+                                     proj_layer=partial(DownsampleConv, preact=True)))
+    ours = resfast.nn.PreActBottleneck(32, 64, stride=2, groups=4)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    compare_models(ours, ref.double(), torch.randn(2, 32, 9, 11), training)
+
+
+def test_resnext_width_rule():
+    block = resfast.nn.PreActBottleneck(64, 256, stride=2, groups=32, width_per_group=4)
+    assert block.conv2.groups == 32 and block.conv2.in_channels == 128  # torchvision's ResNeXt-50 32x4d
+
+
+@pytest.mark.parametrize("name", ["resnet18v2", "resnet34v2", "resnet50v2", "resnet101v2", "resnet152v2"])
+def test_timm_checkpoints_load_strict(name):
+    import timm
+
+    timm_name = {"resnet18v2": "resnetv2_18", "resnet34v2": "resnetv2_34", "resnet50v2": "resnetv2_50",
+                 "resnet101v2": "resnetv2_101", "resnet152v2": "resnetv2_152"}[name]
+    state = timm.create_model(timm_name, pretrained=False).state_dict()
+    getattr(resfast.models, name)().load_state_dict(state, strict=True)
+
+
+def calibrate(model, x):
+    """Running statistics of x's activations, as a trained checkpoint has:
+    with random ones, eval-mode activations explode over 200 layers."""
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for m in momenta:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    return model
+
+
+def resnet200_pair():
+    ref = calibrate(randomize(timm_model(layers=[3, 24, 36, 3])), torch.randn(4, 3, 64, 64))
+    ours = resfast.models.resnet200v2()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def run(model, x, g, training):
+    model.train(training)
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.backward(g.to(y.dtype))
+    return y.detach().double(), x.grad.double()
+
+
+def max_rel_error(a, e):
+    return ((a - e).abs().max() / e.abs().max()).item()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_resnet200_matches_timm(training):
+    """200 layers amplify rounding: the rule is our float32 error against
+    float64 timm at most twice timm's own float32 error (and within 1e-4 when
+    timm's is smaller than that)."""
+    torch.manual_seed(2)
+    ours, ref = resnet200_pair()
+    assert abs(sum(p.numel() for p in ours.parameters()) / 1e6 - 64.67) < 0.01
+    ref32 = resnet200_pair()[1]
+    ref32.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    g = torch.randn(2, 1000, dtype=torch.float64)
+    y64, gx64 = run(ref.double(), x.double(), g, training)
+    y32, gx32 = run(ref32, x, g, training)
+    y, gx = run(ours, x, g, training)
+    for name, ours_v, timm_v, exact in (("logits", y, y32, y64), ("grad input", gx, gx32, gx64)):
+        limit = max(2 * max_rel_error(timm_v, exact), 1e-4)
+        err = max_rel_error(ours_v, exact)
+        assert err <= limit, f"{name}: error {err:.2e} vs float64 > {limit:.2e} (timm float32: " \
+                             f"{max_rel_error(timm_v, exact):.2e})"
+    for (name, b), b_ref in zip(ours.named_buffers(), ref32.buffers()):
+        if b.is_floating_point():
+            assert_close(b, b_ref, torch.float32, name, tol=1e-3)
+
+
+def saved_activation_bytes(model, x):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+def test_resnet200_activation_memory_at_most_052x_timm():
+    ours, ref = resnet200_pair()
+    x = torch.randn(1, 3, 224, 224, requires_grad=True)
+    theirs = saved_activation_bytes(ref.float().train(), x)
+    mine = saved_activation_bytes(ours.train(), x)
+    assert 200 * 2**20 < theirs < 270 * 2**20, f"timm saved {theirs / 2**20:.0f} MiB (DESIGN.md says 235)"
+    assert mine <= 0.52 * theirs, f"resfast saved {mine / 2**20:.1f} MiB vs timm {theirs / 2**20:.1f} MiB"
