@@ -10,6 +10,25 @@ from torch import nn
 import resfast
 
 
+def _same_weights(eager, ours):
+    ours.load_state_dict(eager.state_dict(), strict=True)
+    return eager, ours
+
+
+def _place(eager, ours, x, device, dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    eager = eager.to(device=device, dtype=dtype, memory_format=fmt)
+    ours = ours.to(device=device, dtype=dtype, memory_format=fmt)
+    return eager, ours, x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+
+def _timm_resnetv2(**kwargs):
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, **kwargs)
+
+
 @dataclass(frozen=True)
 class UnitCase:
     """One BN→ReLU→conv unit of a pre-activation ResNet."""
@@ -28,11 +47,53 @@ class UnitCase:
         unit = resfast.nn.BNReLUConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                                        self.kernel_size // 2)
         eager = nn.Sequential(copy.deepcopy(unit.bn), nn.ReLU(inplace=True), copy.deepcopy(unit.conv))
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        unit = unit.to(device=device, dtype=dtype, memory_format=fmt)
-        eager = eager.to(device=device, dtype=dtype, memory_format=fmt)
-        x = torch.randn(batch, self.in_channels, self.size, self.size, device=device, dtype=dtype)
-        return eager, unit, x.contiguous(memory_format=fmt)
+        x = torch.randn(batch, self.in_channels, self.size, self.size)
+        return _place(eager, unit, x, device, dtype, channels_last)
+
+
+@dataclass(frozen=True)
+class BottleneckCase:
+    """One pre-activation bottleneck against timm's (plain torch.nn) block."""
+
+    name: str
+    in_chs: int
+    out_chs: int
+    stride: int
+    size: int
+
+    def config(self, batch):
+        return {"case": self.name, "batch": batch, **asdict(self)}
+
+    def build(self, batch, device, dtype, channels_last):
+        from functools import partial
+
+        from timm.layers import BatchNormAct2d, create_conv2d
+        from timm.models.resnetv2 import DownsampleConv, PreActBottleneck
+
+        proj = partial(DownsampleConv, preact=True) if self.in_chs != self.out_chs or self.stride != 1 else None
+        eager = PreActBottleneck(self.in_chs, self.out_chs, stride=self.stride, conv_layer=create_conv2d,
+                                 norm_layer=BatchNormAct2d, proj_layer=proj)
+        eager, ours = _same_weights(eager, resfast.nn.PreActBottleneck(self.in_chs, self.out_chs, self.stride))
+        x = torch.randn(batch, self.in_chs, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last)
+
+
+@dataclass(frozen=True)
+class ResNetV2Case:
+    """A whole pre-activation ResNet against timm's eager ResNetV2."""
+
+    name: str
+    layers: tuple
+    size: int
+
+    def config(self, batch):
+        return {"case": self.name, "batch": batch, **asdict(self)}
+
+    def build(self, batch, device, dtype, channels_last):
+        eager, ours = _same_weights(_timm_resnetv2(layers=list(self.layers)),
+                                    resfast.models.ResNetV2(list(self.layers)))
+        x = torch.randn(batch, 3, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last)
 
 
 # Units at ResNet-200 shapes (224x224 input): the bottleneck's 1x1 reduce and
@@ -46,5 +107,14 @@ OPS = [
 ]
 QUICK_OPS = OPS[:3]
 
-SUITES = {"ops": OPS}
-QUICK_SUITES = {"ops": QUICK_OPS}
+BLOCKS = [
+    BottleneckCase("bottleneck 256->256 @56", 256, 256, 1, 56),
+    BottleneckCase("bottleneck 512->1024 /2 @28", 512, 1024, 2, 28),
+]
+QUICK_BLOCKS = [BottleneckCase("bottleneck 256->256 @28", 256, 256, 1, 28)]
+
+MODELS = [ResNetV2Case("ResNet-200 @224", (3, 24, 36, 3), 224)]
+QUICK_MODELS = [ResNetV2Case("ResNet-200 @64", (3, 24, 36, 3), 64)]
+
+SUITES = {"ops": OPS, "blocks": BLOCKS, "models": MODELS}
+QUICK_SUITES = {"ops": QUICK_OPS, "blocks": QUICK_BLOCKS, "models": QUICK_MODELS}

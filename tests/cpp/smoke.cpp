@@ -30,7 +30,7 @@ int main() {
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, c10::IntArrayRef, c10::IntArrayRef,
-                            c10::IntArrayRef, int64_t, c10::string_view)>();
+                            c10::IntArrayRef, int64_t, c10::string_view, const std::optional<at::Tensor>&)>();
 
   for (const auto format : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
     const at::Tensor x = (at::randn({3, 5, 7, 9}) * 2 + 3).contiguous(format);
@@ -42,7 +42,7 @@ int main() {
     const at::Tensor scale = at::rand({5}) + 0.5, shift = at::randn({5});
     const at::Tensor weight = at::randn({4, 5, 3, 3}), bias = at::randn({4});
     const at::Tensor y = unit.call(x, mean, scale, shift, weight, bias, std::nullopt, {1, 1}, {1, 1},
-                                   {1, 1}, 1, "relu");
+                                   {1, 1}, 1, "relu", std::nullopt);
     const at::Tensor a = at::relu((x - mean.view({1, 5, 1, 1})) * scale.view({1, 5, 1, 1}) +
                                   shift.view({1, 5, 1, 1}));
     expect_close(y, at::conv2d(a, weight, bias, 1, 1), "norm_act_conv2d");
