@@ -9,22 +9,10 @@ import pytest
 import torch
 
 from resfast.bench.cases import QUICK_OPS
+from resfast.bench.timing import step_fn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-
-
-def _step(module, x, training):
-    if training:
-        def run():
-            for p in module.parameters():
-                p.grad = None
-            module(x).sum().backward()
-    else:
-        def run():
-            with torch.no_grad():
-                module(x)
-    return run
 
 
 @pytest.mark.parametrize("case", QUICK_OPS, ids=[c.name for c in QUICK_OPS])
@@ -35,7 +23,7 @@ def test_unit(benchmark, case, provider, mode):
     module = (eager if provider == "eager" else ours).train(mode == "training")
     if mode == "training":
         x = x.requires_grad_()
-    run = _step(module, x, mode == "training")
+    run = step_fn(module, x, mode == "training")
     if DEVICE.type == "cuda":
         def timed():
             run()

@@ -8,6 +8,7 @@ from torch import nn
 
 import resfast
 from conftest import available_backends
+from resfast.bench.timing import saved_activation_bytes
 from utils import assert_close
 
 BACKENDS = available_backends()
@@ -181,22 +182,6 @@ def test_ops_opcheck():
     xl = x.detach().contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.resfast.norm_act_conv2d,
                           (xl, mean.detach(), scale.detach(), shift.detach(), w.detach(), None, None, *conv))
-
-
-def saved_activation_bytes(model, x):
-    """Bytes of the unique storages saved for backward, parameters excluded (DESIGN.md §5)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
 
 
 def test_saved_activation_memory_at_most_055x_eager():

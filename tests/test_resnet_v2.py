@@ -8,6 +8,7 @@ from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
 
 import resfast
 from conftest import available_backends
+from resfast.bench.timing import saved_activation_bytes
 from utils import assert_close
 
 BACKENDS = available_backends()
@@ -198,21 +199,6 @@ def test_resnet200_matches_timm(training):
     for (name, b), b_ref in zip(ours.named_buffers(), ref32.buffers()):
         if b.is_floating_point():
             assert_close(b, b_ref, torch.float32, name, tol=1e-3)
-
-
-def saved_activation_bytes(model, x):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
 
 
 def test_resnet200_activation_memory_at_most_052x_timm():

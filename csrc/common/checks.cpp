@@ -45,6 +45,19 @@ void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Te
                     scale.sizes(), ", ", shift.sizes());
 }
 
+void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
+                               const at::Tensor& grad_var) {
+  const int64_t c = x.size(1);
+  const auto acc = accumulation_type(x.scalar_type());
+  const std::pair<const at::Tensor*, const char*> vectors[] = {
+      {&mean, "mean"}, {&grad_mean, "grad_mean"}, {&grad_var, "grad_var"}};
+  for (const auto& [t, name] : vectors) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == c, name, ": expected shape (", c, ",), got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
+  }
+}
+
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK_VALUE(weight.dim() == 4, "weight: expected a 4-D (out_channels, in_channels/groups, kH, kW) tensor, got shape ",

@@ -22,6 +22,11 @@ void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Te
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups);
 
+// mean, grad_mean, grad_var of channel_stats_backward: (C,) vectors of the
+// accumulation dtype, on x's device.
+void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
+                               const at::Tensor& grad_var);
+
 // float64 for float64 input, else float32.
 at::ScalarType accumulation_type(at::ScalarType t);
 

@@ -93,14 +93,7 @@ at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mea
   check_activation_input(input, "x");
   const at::Tensor x = input.contiguous(kernel_format(input));
   const Geometry g = geometry(x);
-  const auto acc = accumulation_type(x.scalar_type());
-  const std::pair<const at::Tensor*, const char*> vectors[] = {
-      {&mean, "mean"}, {&grad_mean, "grad_mean"}, {&grad_var, "grad_var"}};
-  for (const auto& [t, name] : vectors) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == g.c, name, ": expected shape (", g.c, ",), got ",
-                      t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t->scalar_type());
-  }
+  check_stats_backward_args(x, mean, grad_mean, grad_var);
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return grad_x;
   const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();

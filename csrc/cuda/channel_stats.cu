@@ -146,16 +146,7 @@ at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mea
   const bool cl = kernel_format(input) == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = input.contiguous(kernel_format(input));
   const int64_t C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
-  const auto acc = accumulation_type(x.scalar_type());
-  const std::pair<const at::Tensor*, const char*> vectors[] = {
-      {&mean, "mean"}, {&grad_mean, "grad_mean"}, {&grad_var, "grad_var"}};
-  for (const auto& [t, name] : vectors) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, name, ": expected shape (", C, ",), got ",
-                      t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ",
-                      t->device());
-  }
+  check_stats_backward_args(x, mean, grad_mean, grad_var);
   at::Tensor grad_x = at::empty_like(x);
   if (numel == 0) return grad_x;
   const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();

@@ -11,7 +11,7 @@ import torch
 
 import resfast
 from resfast.bench.cases import QUICK_SUITES, SUITES
-from resfast.bench.timing import saved_activation_bytes, time_interleaved
+from resfast.bench.timing import saved_activation_bytes, step_fn, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,19 +31,6 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", metavar="PATH")
     return p.parse_args(argv)
-
-
-def _step(module, x, training):
-    if training:
-        def run():
-            for p in module.parameters():
-                p.grad = None
-            module(x).sum().backward()
-    else:
-        def run():
-            with torch.no_grad():
-                module(x)
-    return run
 
 
 def _compiled(eager):
@@ -66,9 +53,9 @@ def run_case(case, args, device, dtype, channels_last, batch):
         for m in (eager, ours):
             m.train(training)
         xin = x_train if training else x
-        fns = {"eager": _step(eager, xin, training), "resfast": _step(ours, xin, training)}
+        fns = {"eager": step_fn(eager, xin, training), "resfast": step_fn(ours, xin, training)}
         if compiled is not None:
-            fns["compile"] = _step(compiled, xin, training)
+            fns["compile"] = step_fn(compiled, xin, training)
         try:
             times = time_interleaved(fns, device, repeats=args.repeats)
         except Exception as e:  # noqa: BLE001  (torch.compile can fail at first call)

@@ -29,8 +29,13 @@ def _timm_resnetv2(**kwargs):
     return ResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, **kwargs)
 
 
+class _Case:
+    def config(self, batch):
+        return {"case": self.name, "batch": batch, **asdict(self)}
+
+
 @dataclass(frozen=True)
-class UnitCase:
+class UnitCase(_Case):
     """One BN→ReLU→conv unit of a pre-activation ResNet."""
 
     name: str
@@ -39,9 +44,6 @@ class UnitCase:
     kernel_size: int
     stride: int
     size: int  # input H = W
-
-    def config(self, batch):
-        return {"case": self.name, "batch": batch, **asdict(self)}
 
     def build(self, batch, device, dtype, channels_last):
         unit = resfast.nn.BNReLUConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
@@ -52,7 +54,7 @@ class UnitCase:
 
 
 @dataclass(frozen=True)
-class BottleneckCase:
+class BottleneckCase(_Case):
     """One pre-activation bottleneck against timm's (plain torch.nn) block."""
 
     name: str
@@ -60,9 +62,6 @@ class BottleneckCase:
     out_chs: int
     stride: int
     size: int
-
-    def config(self, batch):
-        return {"case": self.name, "batch": batch, **asdict(self)}
 
     def build(self, batch, device, dtype, channels_last):
         from functools import partial
@@ -79,15 +78,12 @@ class BottleneckCase:
 
 
 @dataclass(frozen=True)
-class ResNetV2Case:
+class ResNetV2Case(_Case):
     """A whole pre-activation ResNet against timm's eager ResNetV2."""
 
     name: str
     layers: tuple
     size: int
-
-    def config(self, batch):
-        return {"case": self.name, "batch": batch, **asdict(self)}
 
     def build(self, batch, device, dtype, channels_last):
         eager, ours = _same_weights(_timm_resnetv2(layers=list(self.layers)),

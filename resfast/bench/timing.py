@@ -43,6 +43,21 @@ def time_interleaved(fns: dict, device, warmup=2, repeats=10):
     return out
 
 
+def step_fn(module, x, training):
+    """One inference forward (no_grad) or one training step (forward, backward
+    of the output's sum, gradients cleared first), as a no-argument callable."""
+    if training:
+        def run():
+            for p in module.parameters():
+                p.grad = None
+            module(x).sum().backward()
+    else:
+        def run():
+            with torch.no_grad():
+                module(x)
+    return run
+
+
 def saved_activation_bytes(model, *inputs):
     """Bytes of the unique storages saved for backward by one training forward,
     parameters excluded (DESIGN.md §5)."""
