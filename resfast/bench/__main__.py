@@ -34,6 +34,9 @@ def parse_args(argv):
 
 
 def _compiled(eager):
+    # A fresh dynamo cache per case: the cases share forward code objects, and
+    # past the recompile limit dynamo would silently run them eagerly.
+    torch._dynamo.reset()
     try:
         compiled = torch.compile(eager)
         return compiled, None
@@ -77,11 +80,22 @@ def run_case(case, args, device, dtype, channels_last, batch):
     return row
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device):
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "resfast": resfast.__version__, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-           platform.machine(), "threads": torch.get_num_threads()}
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "threads": torch.get_num_threads()}
     try:
         import triton
 
@@ -93,7 +107,7 @@ def environment(device):
 
 def print_table(rows, env):
     print(f"resfast {env['resfast']} | torch {env['torch']} | {env['device']} | {env['date']}")
-    header = f"{'case':28} {'mode':10} {'eager ms':>9} {'compile ms':>10} {'resfast ms':>10} {'vs eager':>9} " \
+    header = f"{'case':28} {'batch':>5} {'mode':10} {'eager ms':>9} {'compile ms':>10} {'resfast ms':>10} {'vs eager':>9} " \
              f"{'vs compile':>10} {'saved mem':>9}"
     print(header)
     print("-" * len(header))
@@ -102,7 +116,7 @@ def print_table(rows, env):
             s = r["seconds"]
             comp = f"{s['compile']['median'] * 1e3:10.2f}" if "compile" in s else f"{'n/a':>10}"
             vs_comp = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'n/a':>10}"
-            print(f"{row['config']['case']:28} {mode:10} {s['eager']['median'] * 1e3:9.2f} {comp} "
+            print(f"{row['config']['case']:28} {row['config']['batch']:5} {mode:10} {s['eager']['median'] * 1e3:9.2f} {comp} "
                   f"{s['resfast']['median'] * 1e3:10.2f} {r['speedup_vs_eager']:8.2f}x {vs_comp} "
                   f"{row['saved_ratio']:8.2f}x")
     errors = {row["compile_error"] for row in rows if row["compile_error"]}
@@ -117,7 +131,6 @@ def main(argv=None):
         sys.exit("resfast-bench: --device cuda requested but CUDA is not available")
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    batch = args.batch_size or (2 if args.quick else (32 if device.type == "cuda" else 8))
     if args.repeats is None:
         args.repeats = 5 if args.quick else (50 if device.type == "cuda" else 15)
     suites = QUICK_SUITES if args.quick else SUITES
@@ -127,8 +140,9 @@ def main(argv=None):
     rows = []
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+        batch = args.batch_size or case.default_batch(device.type, args.quick)
         rows.append(run_case(case, args, device, dtype, channels_last, batch))
-    env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, batch=batch)
+    env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, quick=args.quick)
     print_table(rows, env)
     if args.json:
         with open(args.json, "w") as f:

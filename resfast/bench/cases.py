@@ -30,6 +30,12 @@ def _timm_resnetv2(**kwargs):
 
 
 class _Case:
+    # Batch sizes by device; a whole ResNet-200 step takes seconds on a CPU.
+    batch = {"cuda": 32, "cpu": 8, "quick": 2}
+
+    def default_batch(self, device_type, quick):
+        return self.batch["quick" if quick else device_type]
+
     def config(self, batch):
         return {"case": self.name, "batch": batch, **asdict(self)}
 
@@ -80,6 +86,8 @@ class BottleneckCase(_Case):
 @dataclass(frozen=True)
 class ResNetV2Case(_Case):
     """A whole pre-activation ResNet against timm's eager ResNetV2."""
+
+    batch = {"cuda": 32, "cpu": 2, "quick": 2}
 
     name: str
     layers: tuple

@@ -72,11 +72,12 @@ def _norm_act_conv2d_setup(ctx, inputs, output):
 def _norm_act_conv2d_backward(ctx, grad_out):
     x, mean, scale, shift, weight, batch_invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_out = grad_out.contiguous(memory_format=kernel_format(x))
-    grad_mean = grad_bias = grad_residual = None
-    grad_x, grad_scale, grad_shift, grad_weight = ops.norm_act_conv2d_backward(
-        grad_out, x, mean, scale, shift, weight, *ctx.conv_args, batch_invstd, [any(needs[:4]), needs[4]]
-    )
+    grad_x = grad_mean = grad_scale = grad_shift = grad_weight = grad_bias = grad_residual = None
+    output_mask = [any(needs[:4]), needs[4]]
+    if any(output_mask):
+        grad_x, grad_scale, grad_shift, grad_weight = ops.norm_act_conv2d_backward(
+            grad_out, x, mean, scale, shift, weight, *ctx.conv_args, batch_invstd, output_mask
+        )
     if needs[1]:
         grad_mean = -scale * grad_shift
     if needs[5]:

@@ -1,0 +1,64 @@
+"""Markdown tables from `python -m resfast.bench --json` results, and the
+README's measured section rebuilt from them (never edited by hand):
+
+    python -m resfast.bench.report benchmarks/results/*.json --readme README.md
+"""
+
+import argparse
+import json
+import re
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _ms(times, name):
+    return f"{times[name]['median'] * 1e3:.2f}" if name in times else "n/a"
+
+
+def table(result, source):
+    env = result["environment"]
+    lines = [
+        f"**{env['device']}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
+        f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date'][:10]} "
+        f"(`{source}`)",
+        "",
+        "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["cases"]:
+        for mode, r in row["results"].items():
+            t = r["seconds"]
+            vs_compile = f"{r['speedup_vs_compile']:.2f}x" if "speedup_vs_compile" in r else "n/a"
+            lines.append(f"| {row['config']['case']} | {row['config']['batch']} | {mode} | {_ms(t, 'eager')} | "
+                         f"{_ms(t, 'compile')} | {_ms(t, 'resfast')} | {r['speedup_vs_eager']:.2f}x | {vs_compile} | "
+                         f"{row['saved_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("results", nargs="+")
+    p.add_argument("--readme", help="replace the README section between the bench markers")
+    args = p.parse_args(argv)
+    tables = []
+    for path in args.results:
+        with open(path) as f:
+            tables.append(table(json.load(f), path))
+    text = ("Medians of interleaved runs; speedups are eager (or compiled) time over resfast time. "
+            "Saved activations: bytes kept for backward by one training forward (DESIGN.md §5).\n\n"
+            + "\n\n".join(tables))
+    if args.readme:
+        with open(args.readme) as f:
+            readme = f.read()
+        if BEGIN not in readme or END not in readme:
+            raise SystemExit(f"{args.readme}: no {BEGIN} ... {END} section to replace")
+        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", readme,
+                        flags=re.S)
+        with open(args.readme, "w") as f:
+            f.write(readme)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
