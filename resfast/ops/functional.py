@@ -42,18 +42,18 @@ def channel_stats(x):
     return ops.channel_stats(x)
 
 
-def _autocast_compute(x, weight, bias, residual):
+def _autocast_compute(x, weight, bias):
     """The dtypes the torch modules would compute in under autocast: the
     convolution in the autocast dtype, the normalisation in float32."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
-        return x, weight, bias, residual
+        return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     if x.dtype not in (torch.float32, dtype):
         x = x.float()
-    return x, weight, bias, residual
+    return x, weight, bias
 
 
 def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
@@ -70,7 +70,7 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, str
     padding = conv_padding(padding, weight.shape[2:], dilation)
     check_conv_args(x, weight, stride, padding, dilation, groups)
     check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual)
-    x, weight, bias, residual = _autocast_compute(x, weight, bias, residual)
+    x, weight, bias = _autocast_compute(x, weight, bias)
     fused_residual = residual if residual is not None and residual.dtype == weight.dtype else None
     y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, fused_residual, list(stride), list(padding),
                             list(dilation), groups, activation, batch_invstd)
