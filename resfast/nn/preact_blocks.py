@@ -23,7 +23,8 @@ def make_divisible(v, divisor=8, round_limit=0.9):
 
 
 class Projection(nn.Module):
-    """The 1x1 strided shortcut convolution (`downsample.conv`)."""
+    """The 1x1 strided shortcut convolution (`downsample.conv`): a parameter
+    container, which the block applies fused with its pre-activation."""
 
     def __init__(self, in_chs, out_chs, stride=1, device=None, dtype=None):
         super().__init__()
