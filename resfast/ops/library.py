@@ -1,7 +1,6 @@
 """Python side of the op registrations whose schemas csrc/ops.cpp defines:
-fake (meta) kernels for torch.compile, autograd formulas written in terms of
-other resfast ops, and the Triton kernels as the CUDA implementation of the
-convolution ops."""
+fake (meta) kernels for torch.compile, channel_stats' autograd formula, and
+the Triton kernels as the CUDA implementation of the convolution ops."""
 
 import torch
 
@@ -61,36 +60,7 @@ torch.library.register_autograd(
 )
 
 
-def _norm_act_conv2d_setup(ctx, inputs, output):
-    x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation, batch_invstd = inputs
-    # Only x, the per-channel vectors and the weight: act(z) is recomputed.
-    ctx.save_for_backward(x, mean, scale, shift, weight, batch_invstd)
-    ctx.conv_args = (stride, padding, dilation, groups, activation)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _norm_act_conv2d_backward(ctx, grad_out):
-    x, mean, scale, shift, weight, batch_invstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_x = grad_mean = grad_scale = grad_shift = grad_weight = grad_bias = grad_residual = None
-    output_mask = [any(needs[:4]), needs[4]]
-    if any(output_mask):
-        grad_x, grad_scale, grad_shift, grad_weight = ops.norm_act_conv2d_backward(
-            grad_out, x, mean, scale, shift, weight, *ctx.conv_args, batch_invstd, output_mask
-        )
-    if needs[1]:
-        grad_mean = -scale * grad_shift
-    if needs[5]:
-        grad_bias = grad_out.sum((0, 2, 3), dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
-    if needs[6]:
-        grad_residual = grad_out
-    return (grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual,
-            None, None, None, None, None, None)
-
-
-torch.library.register_autograd(
-    "resfast::norm_act_conv2d", _norm_act_conv2d_backward, setup_context=_norm_act_conv2d_setup
-)
+# norm_act_conv2d's autograd is registered in C++ (csrc/autograd.cpp).
 
 
 # ---------------------------------------------------------------- Triton on CUDA
