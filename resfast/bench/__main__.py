@@ -30,6 +30,7 @@ def parse_args(argv):
                    help="also time torch.compile of the eager module")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH", help="PNG bar chart of speedups and memory ratios (matplotlib)")
     return p.parse_args(argv)
 
 
@@ -124,6 +125,21 @@ def print_table(rows, env):
         print(f"torch.compile unavailable: {e}")
 
 
+def _progress(cases):
+    """A tqdm bar on stderr, or one line per case without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for i, case in enumerate(cases, 1):
+            print(f"[{i}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+            yield case
+        return
+    with tqdm(cases, desc="resfast-bench", unit="case", file=sys.stderr) as bar:
+        for case in bar:
+            bar.set_postfix_str(case.name)
+            yield case
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
@@ -138,8 +154,7 @@ def main(argv=None):
     cases = [c for n in names for c in suites[n]]
     env = environment(device)
     rows = []
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+    for case in _progress(cases):
         batch = args.batch_size or case.default_batch(device.type, args.quick)
         rows.append(run_case(case, args, device, dtype, channels_last, batch))
     env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, quick=args.quick)
@@ -147,6 +162,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "cases": rows}, f, indent=2)
+    if args.plot:
+        from resfast.bench.plot import plot
+
+        plot(rows, env, args.plot)
     return 0
 
 
