@@ -12,20 +12,14 @@
 #include <array>
 #include <vector>
 
+#include "../common/layout.h"
+
 namespace resfast::cpu {
 
 struct Geometry {
   int64_t n, c, hw;
   bool channels_last;
 };
-
-// The layout the kernels run in: channels_last if that is how x is laid out,
-// NCHW otherwise. Tensors are made contiguous in it (a no-op for both
-// standard layouts).
-inline at::MemoryFormat kernel_format(const at::Tensor& x) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous;
-}
 
 inline Geometry geometry(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2) * x.size(3), kernel_format(x) == at::MemoryFormat::ChannelsLast};

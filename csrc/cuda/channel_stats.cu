@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 #include "../common/norm_act_math.h"
 
 namespace resfast::cuda {
@@ -91,11 +92,6 @@ __global__ void channel_stats_backward_kernel(const scalar_t* __restrict__ x,
     grad_x[i] = static_cast<scalar_t>(channel_stats_grad<acc_t>(static_cast<acc_t>(x[i]), mean[c],
                                                                 grad_mean[c], grad_var[c], inv_count));
   }
-}
-
-at::MemoryFormat kernel_format(const at::Tensor& x) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous;
 }
 
 int multiprocessors() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
