@@ -9,7 +9,7 @@ from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
 import resfast
 from conftest import available_backends
 from resfast.bench.timing import saved_activation_bytes
-from utils import assert_close
+from utils import assert_close, compare_models, randomize
 
 BACKENDS = available_backends()
 
@@ -24,56 +24,11 @@ def timm_model(**cfg):
     return TimmResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, **cfg)
 
 
-def randomize(model):
-    """Non-trivial weights and statistics everywhere (timm zero-initialises
-    the last conv of each block, which would hide the residual branches)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 1:
-                p.uniform_(-0.2, 0.2)
-            else:
-                p.normal_(0, (2.0 / p[0].numel()) ** 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.uniform_(-0.5, 0.5)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 2.0)
-    return model
-
-
 def pair(cfg, dtype=torch.float32):
     ref = randomize(timm_model(**cfg))
     ours = resfast.models.ResNetV2(**cfg)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours.to(dtype), ref.double()
-
-
-def compare_models(ours, ref, x, training, backend="cpu", dtype=torch.float32, tol=None, grads=True):
-    ours.train(training)
-    ref.train(training)
-    x_ref = x.double().requires_grad_()
-    y_ref = ref(x_ref)
-    xin = x.to(dtype).requires_grad_()
-    with resfast.backend(backend):
-        y = ours(xin)
-        if grads:
-            g = torch.randn_like(y_ref)
-            y_ref.backward(g)
-            y.backward(g.to(y.dtype))
-    assert_close(y, y_ref, dtype, "logits", tol)
-    if grads:
-        assert_close(xin.grad, x_ref.grad, dtype, "grad input", tol)
-        ref_params = dict(ref.named_parameters())
-        for name, p in ours.named_parameters():
-            assert_close(p.grad, ref_params[name].grad, dtype, f"grad {name}", tol)
-    ref_buffers = dict(ref.named_buffers())
-    for name, b in ours.named_buffers():
-        if b.is_floating_point():
-            assert_close(b, ref_buffers[name], dtype, name, tol)
-        else:
-            assert torch.equal(b, ref_buffers[name]), name
 
 
 @pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] != "triton"])
