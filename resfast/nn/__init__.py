@@ -2,5 +2,6 @@
 
 from resfast.nn.norm_act_conv import BNReLUConv2d
 from resfast.nn.preact_blocks import PreActBasicBlock, PreActBottleneck, Projection
+from resfast.nn.preact_res_block import PreActResBlock
 
-__all__ = ["BNReLUConv2d", "PreActBasicBlock", "PreActBottleneck", "Projection"]
+__all__ = ["BNReLUConv2d", "PreActBasicBlock", "PreActBottleneck", "PreActResBlock", "Projection"]

@@ -88,3 +88,54 @@ def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residu
 def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool) -> "ops.NormAffine":
     """bn's normalisation of x (one statistics pass, running statistics updated)."""
     return ops.batch_norm_affine(x, *batch_norm_args(bn, training))
+
+
+def norm_affines(parts, norm: nn.Module, training: bool) -> list:
+    """`norm` (an nn.BatchNorm2d or nn.GroupNorm) of the channel concatenation
+    of `parts`, as one NormAffine per part and without concatenating: BatchNorm
+    statistics are per channel, GroupNorm's per group, and no group may
+    straddle two parts. Running statistics are updated through views of the
+    module's buffers; a BatchNorm counts the batch once."""
+    widths = [p.shape[1] for p in parts]
+    if isinstance(norm, nn.BatchNorm2d):
+        channels = norm.num_features
+    elif isinstance(norm, nn.GroupNorm):
+        channels = norm.num_channels
+    else:
+        raise TypeError(f"norm: expected an nn.BatchNorm2d or nn.GroupNorm, got {type(norm).__name__}")
+    if sum(widths) != channels:
+        raise ValueError(f"input: expected {channels} channels in all, got {widths}")
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+
+    def part(t, start, width):
+        return None if t is None else t[start:start + width]
+
+    if isinstance(norm, nn.BatchNorm2d):
+        running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(norm, training)
+        return [ops.batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w), part(weight, s, w),
+                                      part(bias, s, w), use_batch, factor, eps)
+                for x, s, w in zip(parts, starts, widths)]
+    group_size = norm.num_channels // norm.num_groups
+    if any(w % group_size for w in widths):
+        raise ValueError(f"input: each part's channels {widths} must hold whole groups of {group_size} channels")
+    return [ops.group_norm_affine(x, w // group_size, part(norm.weight, s, w), part(norm.bias, s, w), norm.eps)
+            for x, s, w in zip(parts, starts, widths)]
+
+
+def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
+    """conv(act(normalised concatenation of parts)) + residual, never
+    concatenated: each part is a slice of the convolution's input channels,
+    and each partial sum reaches the next part's convolution as its residual,
+    added in the epilogue."""
+    if len(parts) > 1 and conv.groups != 1:
+        raise ValueError(f"conv: a split input needs groups=1, got {conv.groups}")
+    y, start = residual, 0
+    for i, (x, affine) in enumerate(zip(parts, affines)):
+        width = x.shape[1]
+        weight = conv.weight if len(parts) == 1 else conv.weight[:, start:start + width]
+        bias = conv.bias if i == len(parts) - 1 else None
+        y = ops.affine_act_conv2d(x, affine, weight, bias, y, conv.stride,
+                                  ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
+                                  conv.groups, activation)
+        start += width
+    return y

@@ -135,6 +135,28 @@ def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training
     return NormAffine(mean, scale, shift, batch_invstd)
 
 
+def group_norm_affine(x, num_groups, weight, bias, eps) -> NormAffine:
+    """GroupNorm of x (F.group_norm's arguments) as a per-(sample, channel)
+    NormAffine; the statistics stay in the autograd graph, so the fused op's
+    gradients with respect to mean and scale reach x through them."""
+    check_activation_input(x)
+    _check_finite("eps", eps, low=0)
+    n, c = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {c} channels, got {num_groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        check_channel_vector(x, name, t)
+    check_same_device(x, weight=weight, bias=bias)
+    acc = accumulation_dtype(x.dtype)
+    var, mean = torch.var_mean(x.to(acc).reshape(n, num_groups, -1), dim=2, unbiased=False)
+    per_channel = c // num_groups
+    mean = mean.repeat_interleave(per_channel, dim=1)
+    invstd = torch.rsqrt(var + eps).repeat_interleave(per_channel, dim=1)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    shift = x.new_zeros((n, c), dtype=acc) if bias is None else bias.to(acc).expand(n, c).contiguous()
+    return NormAffine(mean, scale, shift, None)
+
+
 def affine_act_conv2d(x, affine: NormAffine, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
                       groups=1, activation="relu"):
     """norm_act_conv2d with the normalisation given as a NormAffine."""

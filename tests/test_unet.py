@@ -1,0 +1,188 @@
+"""U-Net against a plain torch.nn reference with the same module tree, which
+concatenates its skips with torch.cat and runs norm, activation and conv as
+separate modules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import resfast
+from conftest import available_backends
+from resfast.bench.timing import saved_activation_bytes
+from resfast.models.unet import Upsample, center_crop
+from resfast.nn.preact_res_block import make_norm
+from utils import compare_models, randomize
+
+BACKENDS = [b for b in available_backends() if b[0] != "triton"]
+ACT = {"batch": F.relu, "group": F.silu}
+
+
+class RefBlock(nn.Module):
+    def __init__(self, in_chs, out_chs, norm, num_groups, padding, parts=1):
+        super().__init__()
+        self.norm1 = make_norm(norm, in_chs, num_groups)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=padding, bias=False)
+        self.norm2 = make_norm(norm, out_chs, num_groups)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=padding, bias=False)
+        project = in_chs != out_chs or parts > 1
+        self.downsample = nn.Conv2d(in_chs, out_chs, 1, bias=False) if project else None
+        self.act, self.crop = ACT[norm], 2 if padding == "valid" else 0
+
+    def forward(self, *parts):
+        x = torch.cat(parts, 1)
+        a = self.act(self.norm1(x))
+        shortcut = x if self.downsample is None else self.downsample(a)
+        if self.crop:
+            shortcut = shortcut[..., 2:-2, 2:-2]
+        return self.conv2(self.act(self.norm2(self.conv1(a)))) + shortcut
+
+
+class RefDecoderLevel(nn.Module):
+    def __init__(self, in_chs, out_chs, norm, num_groups, upsample, padding):
+        super().__init__()
+        self.up = Upsample(in_chs, out_chs, upsample)  # plain torch.nn modules
+        self.block = RefBlock(2 * out_chs, out_chs, norm, num_groups, padding, parts=2)
+        self.valid = padding == "valid"
+
+    def forward(self, x, skip):
+        if self.valid:
+            up = self.up(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+            skip = center_crop(skip, up.shape[-2:])
+        else:
+            up = self.up(x, skip.shape[-2:])
+        return self.block(skip, up)
+
+
+class RefHead(nn.Module):
+    def __init__(self, in_chs, out_chs, norm, num_groups):
+        super().__init__()
+        self.norm, self.conv, self.act = make_norm(norm, in_chs, num_groups), nn.Conv2d(in_chs, out_chs, 1), ACT[norm]
+
+    def forward(self, x):
+        return self.conv(self.act(self.norm(x)))
+
+
+class RefUNet(nn.Module):
+    def __init__(self, in_channels, out_channels, widths, norm="group", num_groups=32, upsample="transpose",
+                 padding="same"):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=padding, bias=False)
+        self.encoder = nn.ModuleList(RefBlock(widths[max(i - 1, 0)], w, norm, num_groups, padding)
+                                     for i, w in enumerate(widths))
+        self.decoder = nn.ModuleList(RefDecoderLevel(widths[i + 1], widths[i], norm, num_groups, upsample, padding)
+                                     for i in reversed(range(len(widths) - 1)))
+        self.head = RefHead(widths[0], out_channels, norm, num_groups)
+
+    def forward(self, x):
+        x = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(F.max_pool2d(x, 2) if i else x)
+            skips.append(x)
+        skips.pop()
+        for level in self.decoder:
+            x = level(x, skips.pop())
+        return self.head(x)
+
+
+SMALL = dict(in_channels=3, out_channels=2, widths=(8, 16, 32), num_groups=4)
+
+
+def pair(**cfg):
+    ref = randomize(RefUNet(**cfg)).double()
+    ours = resfast.models.UNet(**cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("norm,upsample", [("group", "transpose"), ("batch", "interpolate")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_small_unet_matches_reference(backend, device, norm, upsample, training, channels_last):
+    ours, ref = pair(**SMALL, norm=norm, upsample=upsample)
+    x = torch.randn(2, 3, 20, 24)
+    if channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    compare_models(ours, ref, x, training, backend)
+
+
+@pytest.mark.parametrize("norm,upsample", [("group", "transpose"), ("batch", "transpose"), ("group", "interpolate")])
+def test_odd_input_size_gives_same_size_output(norm, upsample):
+    ours, ref = pair(in_channels=3, out_channels=3, widths=(8, 16, 16, 32), num_groups=4, norm=norm,
+                     upsample=upsample)
+    x = torch.randn(1, 3, 97, 131)
+    compare_models(ours, ref, x, training=True)
+    assert ours(x).shape == (1, 3, 97, 131)
+
+
+def test_valid_padding_crops_like_the_original():
+    ours, ref = pair(**SMALL, padding="valid")
+    x = torch.randn(1, 3, 92, 92)
+    compare_models(ours, ref, x, training=True)
+    assert ours(x).shape == (1, 2, 48, 48)
+
+
+def test_channels_last_in_channels_last_out():
+    ours = resfast.models.UNet(**SMALL).to(memory_format=torch.channels_last)
+    y = ours(torch.randn(2, 3, 17, 19).contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == (2, 2, 17, 19)
+
+
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_skips_are_never_concatenated():
+    """Forward and backward run without a cat (the reference, which does
+    concatenate, proves the detector sees one)."""
+    ours, ref = pair(**SMALL)
+    x = torch.randn(2, 3, 20, 24, requires_grad=True)
+    for model, expect_cat in ((ref.float(), True), (ours, False)):
+        with AtenOps() as ops:
+            model.train()(x).sum().backward()
+        assert ("cat" in ops.seen) == expect_cat, sorted(ops.seen)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_activation_memory_at_most_06x_reference(norm):
+    cfg = dict(in_channels=3, out_channels=2, widths=(16, 32, 64, 128), num_groups=8, norm=norm)
+    ours, ref = pair(**cfg)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    theirs = saved_activation_bytes(ref.float().train(), x)
+    mine = saved_activation_bytes(ours.train(), x)
+    assert mine <= 0.6 * theirs, f"resfast saved {mine / 2**20:.2f} MiB vs reference {theirs / 2**20:.2f} MiB"
+
+
+def test_default_config_is_the_classic_unet():
+    model = resfast.models.UNet()
+    assert [b.conv2.out_channels for b in model.encoder] == [64, 128, 256, 512, 1024]
+    assert [lvl.block.conv2.out_channels for lvl in model.decoder] == [512, 256, 128, 64]
+    model.load_state_dict(RefUNet(3, 1, (64, 128, 256, 512, 1024)).state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(widths=(8,)), "widths"),
+    (dict(norm="layer"), "norm"),
+    (dict(upsample="pixelshuffle"), "upsample"),
+    (dict(padding="reflect"), "padding"),
+    (dict(widths=(8, 12), num_groups=8), "num_groups"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        resfast.models.UNet(**kwargs)
+
+
+def test_block_rejects_wrong_parts():
+    block = resfast.nn.PreActResBlock((4, 4), 4, num_groups=2)
+    with pytest.raises(ValueError, match="input: expected parts of"):
+        block(torch.randn(1, 4, 5, 5))
