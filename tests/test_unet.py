@@ -1,92 +1,18 @@
-"""U-Net against a plain torch.nn reference with the same module tree, which
-concatenates its skips with torch.cat and runs norm, activation and conv as
-separate modules."""
+"""U-Net against a plain torch.nn reference with the same module tree
+(resfast.bench.references.EagerUNet), which concatenates its skips with
+torch.cat and runs norm, activation and conv as separate modules."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resfast
 from conftest import available_backends
 from resfast.bench.timing import saved_activation_bytes
-from resfast.models.unet import Upsample, center_crop
-from resfast.nn.preact_res_block import make_norm
+from resfast.bench.references import EagerUNet as RefUNet
 from utils import compare_models, randomize
 
 BACKENDS = [b for b in available_backends() if b[0] != "triton"]
-ACT = {"batch": F.relu, "group": F.silu}
-
-
-class RefBlock(nn.Module):
-    def __init__(self, in_chs, out_chs, norm, num_groups, padding, parts=1):
-        super().__init__()
-        self.norm1 = make_norm(norm, in_chs, num_groups)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=padding, bias=False)
-        self.norm2 = make_norm(norm, out_chs, num_groups)
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=padding, bias=False)
-        project = in_chs != out_chs or parts > 1
-        self.downsample = nn.Conv2d(in_chs, out_chs, 1, bias=False) if project else None
-        self.act, self.crop = ACT[norm], 2 if padding == "valid" else 0
-
-    def forward(self, *parts):
-        x = torch.cat(parts, 1)
-        a = self.act(self.norm1(x))
-        shortcut = x if self.downsample is None else self.downsample(a)
-        if self.crop:
-            shortcut = shortcut[..., 2:-2, 2:-2]
-        return self.conv2(self.act(self.norm2(self.conv1(a)))) + shortcut
-
-
-class RefDecoderLevel(nn.Module):
-    def __init__(self, in_chs, out_chs, norm, num_groups, upsample, padding):
-        super().__init__()
-        self.up = Upsample(in_chs, out_chs, upsample)  # plain torch.nn modules
-        self.block = RefBlock(2 * out_chs, out_chs, norm, num_groups, padding, parts=2)
-        self.valid = padding == "valid"
-
-    def forward(self, x, skip):
-        if self.valid:
-            up = self.up(x, (2 * x.shape[-2], 2 * x.shape[-1]))
-            skip = center_crop(skip, up.shape[-2:])
-        else:
-            up = self.up(x, skip.shape[-2:])
-        return self.block(skip, up)
-
-
-class RefHead(nn.Module):
-    def __init__(self, in_chs, out_chs, norm, num_groups):
-        super().__init__()
-        self.norm, self.conv, self.act = make_norm(norm, in_chs, num_groups), nn.Conv2d(in_chs, out_chs, 1), ACT[norm]
-
-    def forward(self, x):
-        return self.conv(self.act(self.norm(x)))
-
-
-class RefUNet(nn.Module):
-    def __init__(self, in_channels, out_channels, widths, norm="group", num_groups=32, upsample="transpose",
-                 padding="same"):
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=padding, bias=False)
-        self.encoder = nn.ModuleList(RefBlock(widths[max(i - 1, 0)], w, norm, num_groups, padding)
-                                     for i, w in enumerate(widths))
-        self.decoder = nn.ModuleList(RefDecoderLevel(widths[i + 1], widths[i], norm, num_groups, upsample, padding)
-                                     for i in reversed(range(len(widths) - 1)))
-        self.head = RefHead(widths[0], out_channels, norm, num_groups)
-
-    def forward(self, x):
-        x = self.stem(x)
-        skips = []
-        for i, block in enumerate(self.encoder):
-            x = block(F.max_pool2d(x, 2) if i else x)
-            skips.append(x)
-        skips.pop()
-        for level in self.decoder:
-            x = level(x, skips.pop())
-        return self.head(x)
-
-
 SMALL = dict(in_channels=3, out_channels=2, widths=(8, 16, 32), num_groups=4)
 
 

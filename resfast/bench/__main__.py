@@ -29,6 +29,7 @@ def parse_args(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile of the eager module")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--filter", metavar="TEXT", help="only the cases whose name contains TEXT")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG bar chart of speedups and memory ratios (matplotlib)")
     return p.parse_args(argv)
@@ -151,7 +152,9 @@ def main(argv=None):
         args.repeats = 5 if args.quick else (50 if device.type == "cuda" else 15)
     suites = QUICK_SUITES if args.quick else SUITES
     names = list(suites) if args.suite == "all" else [args.suite]
-    cases = [c for n in names for c in suites[n]]
+    cases = [c for n in names for c in suites[n] if args.filter is None or args.filter in c.name]
+    if not cases:
+        sys.exit(f"resfast-bench: no case matches --filter {args.filter!r}")
     env = environment(device)
     rows = []
     for case in _progress(cases):

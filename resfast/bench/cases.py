@@ -100,6 +100,26 @@ class ResNetV2Case(_Case):
         return _place(eager, ours, x, device, dtype, channels_last)
 
 
+@dataclass(frozen=True)
+class UNetCase(_Case):
+    """A whole U-Net against its plain torch.nn twin (torch.cat skips)."""
+
+    batch = {"cuda": 8, "cpu": 2, "quick": 1}
+
+    name: str
+    widths: tuple
+    norm: str
+    size: int
+
+    def build(self, batch, device, dtype, channels_last):
+        from resfast.bench.references import EagerUNet
+
+        cfg = dict(in_channels=3, out_channels=2, widths=self.widths, norm=self.norm)
+        eager, ours = _same_weights(EagerUNet(**cfg), resfast.models.UNet(**cfg))
+        x = torch.randn(batch, 3, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last)
+
+
 # Units at ResNet-200 shapes (224x224 input): the bottleneck's 1x1 reduce and
 # 3x3 in stages 1-3, and the 1x1 expand of stage 2.
 OPS = [
@@ -117,8 +137,11 @@ BLOCKS = [
 ]
 QUICK_BLOCKS = [BottleneckCase("bottleneck 256->256 @28", 256, 256, 1, 28)]
 
-MODELS = [ResNetV2Case("ResNet-200 @224", (3, 24, 36, 3), 224)]
-QUICK_MODELS = [ResNetV2Case("ResNet-200 @64", (3, 24, 36, 3), 64)]
+CLASSIC_UNET = (64, 128, 256, 512, 1024)
+MODELS = [ResNetV2Case("ResNet-200 @224", (3, 24, 36, 3), 224),
+          UNetCase("U-Net GN @256", CLASSIC_UNET, "group", 256)]
+QUICK_MODELS = [ResNetV2Case("ResNet-200 @64", (3, 24, 36, 3), 64),
+                UNetCase("U-Net GN (32-512) @64", (32, 64, 128, 256, 512), "group", 64)]
 
 SUITES = {"ops": OPS, "blocks": BLOCKS, "models": MODELS}
 QUICK_SUITES = {"ops": QUICK_OPS, "blocks": QUICK_BLOCKS, "models": QUICK_MODELS}
