@@ -11,6 +11,7 @@ import torch
 
 import resfast
 from resfast.bench.cases import QUICK_SUITES, SUITES
+from resfast.bench.roofline import measure_peaks, step_flops, step_min_bytes
 from resfast.bench.timing import saved_activation_bytes, step_fn, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +30,8 @@ def parse_args(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile of the eager module")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
+                   help="report FLOP rate and bandwidth as fractions of measured peaks (default: on for CUDA)")
     p.add_argument("--filter", metavar="TEXT", help="only the cases whose name contains TEXT")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG bar chart of speedups and memory ratios (matplotlib)")
@@ -46,7 +49,7 @@ def _compiled(eager):
         return None, f"{type(e).__name__}: {e}"
 
 
-def run_case(case, args, device, dtype, channels_last, batch):
+def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
     eager, ours, x = case.build(batch, device, dtype, channels_last)
     row = {"config": case.config(batch), "results": {}}
     x_train = x.detach().requires_grad_()
@@ -77,9 +80,22 @@ def run_case(case, args, device, dtype, channels_last, batch):
             torch.cuda.reset_peak_memory_stats(device)
             fns["resfast"]()
             entry["peak_bytes_resfast"] = torch.cuda.max_memory_allocated(device)
+        if peaks is not None:
+            entry.update(_roofline(eager, ours, xin, training, times["resfast"]["median"], peaks))
         row["results"][mode] = entry
     row["compile_error"] = compile_error
     return row
+
+
+def _roofline(eager, ours, x, training, seconds, peaks):
+    """resfast's achieved FLOP rate and minimum memory traffic per second as
+    fractions of the device's measured peaks (the eager module counts the
+    work: resfast does the same convolutions)."""
+    with torch.no_grad():
+        y = ours(x)
+    flops = step_flops(eager, x, training)
+    return {"flops": flops, "flop_fraction": flops / seconds / peaks["flops_per_s"],
+            "bandwidth_fraction": step_min_bytes(x, y, training) / seconds / peaks["bytes_per_s"]}
 
 
 def cpu_name():
@@ -109,8 +125,9 @@ def environment(device):
 
 def print_table(rows, env):
     print(f"resfast {env['resfast']} | torch {env['torch']} | {env['device']} | {env['date']}")
+    roofline = "peaks" in env
     header = f"{'case':28} {'batch':>5} {'mode':10} {'eager ms':>9} {'compile ms':>10} {'resfast ms':>10} {'vs eager':>9} " \
-             f"{'vs compile':>10} {'saved mem':>9}"
+             f"{'vs compile':>10} {'saved mem':>9}" + (f" {'peak MiB':>9} {'FLOP %':>7} {'BW %':>6}" if roofline else "")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -120,10 +137,15 @@ def print_table(rows, env):
             vs_comp = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'n/a':>10}"
             print(f"{row['config']['case']:28} {row['config']['batch']:5} {mode:10} {s['eager']['median'] * 1e3:9.2f} {comp} "
                   f"{s['resfast']['median'] * 1e3:10.2f} {r['speedup_vs_eager']:8.2f}x {vs_comp} "
-                  f"{row['saved_ratio']:8.2f}x")
+                  f"{row['saved_ratio']:8.2f}x" + (_roofline_columns(r) if roofline else ""))
     errors = {row["compile_error"] for row in rows if row["compile_error"]}
     for e in errors:
         print(f"torch.compile unavailable: {e}")
+
+
+def _roofline_columns(r):
+    peak = f"{r['peak_bytes_resfast'] / 2**20:9.0f}" if "peak_bytes_resfast" in r else f"{'n/a':>9}"
+    return f" {peak} {100 * r['flop_fraction']:6.1f}% {100 * r['bandwidth_fraction']:5.1f}%"
 
 
 def _progress(cases):
@@ -156,10 +178,16 @@ def main(argv=None):
     if not cases:
         sys.exit(f"resfast-bench: no case matches --filter {args.filter!r}")
     env = environment(device)
+    peaks = None
+    if device.type == "cuda" if args.roofline is None else args.roofline:
+        # Smaller probes on a CPU, where an 8192^3 matmul takes seconds.
+        sizes = {} if device.type == "cuda" else {"copy_bytes": 1 << 28, "matmul_size": 2048, "repeats": 3}
+        peaks = measure_peaks(device, dtype, **sizes)
+        env["peaks"] = peaks
     rows = []
     for case in _progress(cases):
         batch = args.batch_size or case.default_batch(device.type, args.quick)
-        rows.append(run_case(case, args, device, dtype, channels_last, batch))
+        rows.append(run_case(case, args, device, dtype, channels_last, batch, peaks))
     env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, quick=args.quick)
     print_table(rows, env)
     if args.json:

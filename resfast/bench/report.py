@@ -15,15 +15,23 @@ def _ms(times, name):
     return f"{times[name]['median'] * 1e3:.2f}" if name in times else "n/a"
 
 
+def _roofline_cells(r):
+    peak = f"{r['peak_bytes_resfast'] / 2**20:.0f}" if "peak_bytes_resfast" in r else "n/a"
+    return f" {peak} | {100 * r['flop_fraction']:.1f}% | {100 * r['bandwidth_fraction']:.1f}% |"
+
+
 def table(result, source):
     env = result["environment"]
+    roofline = "peaks" in env
+    extra_head = " peak MiB | FLOP rate / peak | min. traffic / copy bandwidth |" if roofline else ""
     lines = [
         f"**{env['device']}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
         f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date'][:10]} "
         f"(`{source}`)",
         "",
-        "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |"
+        + extra_head,
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if roofline else ""),
     ]
     for row in result["cases"]:
         for mode, r in row["results"].items():
@@ -31,7 +39,7 @@ def table(result, source):
             vs_compile = f"{r['speedup_vs_compile']:.2f}x" if "speedup_vs_compile" in r else "n/a"
             lines.append(f"| {row['config']['case']} | {row['config']['batch']} | {mode} | {_ms(t, 'eager')} | "
                          f"{_ms(t, 'compile')} | {_ms(t, 'resfast')} | {r['speedup_vs_eager']:.2f}x | {vs_compile} | "
-                         f"{row['saved_ratio']:.2f}x |")
+                         f"{row['saved_ratio']:.2f}x |" + (_roofline_cells(r) if roofline else ""))
     return "\n".join(lines)
 
 
