@@ -257,3 +257,24 @@ def test_channel_stats_gradcheck():
     assert torch.autograd.gradcheck(lambda t: resfast.ops.channel_stats(t), (x,))
     assert torch.autograd.gradcheck(lambda t: resfast.ops.channel_stats(t),
                                     (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),))
+
+
+def test_batch_stats_from_the_producer_replace_the_pass():
+    """batch_norm_affine with the producer's (mean, var) gives the same
+    NormAffine and running statistics as its own pass, and rejects stats of
+    the wrong shape or dtype."""
+    x = torch.randn(3, 6, 5, 7) * 2 + 1
+    var, mean = torch.var_mean(x, (0, 2, 3), unbiased=False)
+    results = []
+    for stats in (None, (mean, var)):
+        bn = torch.nn.BatchNorm2d(6)
+        affine = resfast.nn.norm_act_conv.batch_norm_affine(x, bn, True, batch_stats=stats)
+        results.append((affine, bn.running_mean.clone(), bn.running_var.clone()))
+    (own, own_rm, own_rv), (given, given_rm, given_rv) = results
+    for a, b, name in zip(own[:3], given[:3], ("mean", "scale", "shift")):
+        torch.testing.assert_close(b, a, msg=name)
+    torch.testing.assert_close(given_rm, own_rm)
+    torch.testing.assert_close(given_rv, own_rv)
+    for bad in ((mean[:5], var), (mean, var.double())):
+        with pytest.raises(ValueError, match="batch_stats"):
+            resfast.nn.norm_act_conv.batch_norm_affine(x, torch.nn.BatchNorm2d(6), True, batch_stats=bad)

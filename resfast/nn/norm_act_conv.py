@@ -85,9 +85,10 @@ def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residu
                                  conv.groups, activation)
 
 
-def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool) -> "ops.NormAffine":
-    """bn's normalisation of x (one statistics pass, running statistics updated)."""
-    return ops.batch_norm_affine(x, *batch_norm_args(bn, training))
+def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool, batch_stats=None) -> "ops.NormAffine":
+    """bn's normalisation of x (one statistics pass, or x's batch_stats when
+    its producer computed them; running statistics updated)."""
+    return ops.batch_norm_affine(x, *batch_norm_args(bn, training), batch_stats=batch_stats)
 
 
 def norm_affines(parts, norm: nn.Module, training: bool) -> list:

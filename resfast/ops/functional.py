@@ -95,12 +95,27 @@ class NormAffine(NamedTuple):
     batch_invstd: Optional[torch.Tensor]
 
 
-def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps) -> NormAffine:
+def _checked_stats(x, batch_stats):
+    mean, var = batch_stats
+    acc = accumulation_dtype(x.dtype)
+    for name, t in (("batch_stats mean", mean), ("batch_stats var", var)):
+        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],) or t.dtype != acc or t.device != x.device:
+            got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a ({x.shape[1]},) {acc} tensor on {x.device}, got {got}")
+    return mean.detach(), var.detach()
+
+
+def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                      batch_stats=None) -> NormAffine:
     """BatchNorm of x as a NormAffine, with F.batch_norm's semantics: with
     training=True the batch statistics are used and, when given, running_mean
     and running_var are updated in place with `momentum` (unbiased variance);
     otherwise the running statistics are used. One statistics pass serves every
-    consumer of the result."""
+    consumer of the result.
+
+    batch_stats: x's per-channel (mean, biased variance), float32, when its
+    producer already computed them (a fused convolution's epilogue); training
+    then makes no pass over x."""
     check_activation_input(x)
     _check_finite("eps", eps, low=0)
     if training and running_mean is not None:
@@ -120,7 +135,7 @@ def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training
         # The statistics' gradient is folded into the fused op's input gradient
         # (batch_invstd), so they are computed outside autograd.
         with torch.no_grad():
-            mean, var = ops.channel_stats(x)
+            mean, var = ops.channel_stats(x) if batch_stats is None else _checked_stats(x, batch_stats)
             if running_mean is not None:
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 unbiased = var * (count / (count - 1))
