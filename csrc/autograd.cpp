@@ -30,6 +30,22 @@ at::Tensor call_forward(const at::Tensor& x, const at::Tensor& mean, const at::T
                  batch_invstd);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward_stats(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resfast::norm_act_conv2d_stats", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::IntArrayRef,
+              c10::IntArrayRef, c10::IntArrayRef, int64_t, c10::string_view, const std::optional<at::Tensor>&)>();
+  return op.call(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+                 batch_invstd);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -46,6 +62,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
                  batch_invstd, output_mask);
 }
 
+// What the unit's backward needs: x, the per-channel vectors and the weight
+// (act(z) is recomputed), and the non-tensor arguments.
+void save_unit(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+               const at::Tensor& shift, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+               const std::optional<at::Tensor>& residual, c10::IntArrayRef stride, c10::IntArrayRef padding,
+               c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+               const std::optional<at::Tensor>& batch_invstd) {
+  ctx->save_for_backward({x, mean, scale, shift, weight, batch_invstd.value_or(at::Tensor())});
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["activation"] = std::string(activation);
+  ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
+  // needs_input_grad counts only the tensors passed: absent optionals shift
+  // the indices of those after them.
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
+}
+
+variable_list unit_backward(AutogradContext* ctx, const at::Tensor& grad_out) {
+  const auto saved = ctx->get_saved_variables();
+  const at::Tensor &x = saved[0], &mean = saved[1], &scale = saved[2], &shift = saved[3], &weight = saved[4];
+  const std::optional<at::Tensor> batch_invstd =
+      saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
+  const auto stride = ctx->saved_data["stride"].toIntVector();
+  const auto padding = ctx->saved_data["padding"].toIntVector();
+  const auto dilation = ctx->saved_data["dilation"].toIntVector();
+  const std::string activation = ctx->saved_data["activation"].toStringRef();
+
+  at::Tensor grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual;
+  const bool want_input = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) ||
+                          ctx->needs_input_grad(3);
+  const bool want_weight = ctx->needs_input_grad(4);
+  if (want_input || want_weight) {
+    std::tie(grad_x, grad_scale, grad_shift, grad_weight) =
+        call_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
+                      ctx->saved_data["groups"].toInt(), activation, batch_invstd, {want_input, want_weight});
+    if (ctx->needs_input_grad(1)) grad_mean = -scale * grad_shift;
+  }
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  if (has_bias && ctx->needs_input_grad(5)) {
+    const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    grad_bias = grad_out.sum({0, 2, 3}, false, acc).to(ctx->saved_data["bias_dtype"].toScalarType());
+  }
+  if (ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(has_bias ? 6 : 5)) {
+    grad_residual = grad_out;
+  }
+  return {grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual,
+          at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+}
+
 class NormActConv2d : public torch::autograd::Function<NormActConv2d> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
@@ -55,54 +123,34 @@ class NormActConv2d : public torch::autograd::Function<NormActConv2d> {
                             int64_t groups, c10::string_view activation,
                             const std::optional<at::Tensor>& batch_invstd) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // Only x, the per-channel vectors and the weight: act(z) is recomputed.
-    ctx->save_for_backward({x, mean, scale, shift, weight, batch_invstd.value_or(at::Tensor())});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
-    // needs_input_grad counts only the tensors passed: absent optionals shift
-    // the indices of those after them.
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
+    save_unit(ctx, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+              batch_invstd);
     return call_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
                         activation, batch_invstd);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &mean = saved[1], &scale = saved[2], &shift = saved[3], &weight = saved[4];
-    const std::optional<at::Tensor> batch_invstd =
-        saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
-    const at::Tensor& grad_out = grads[0];
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return unit_backward(ctx, grads[0]); }
+};
 
-    at::Tensor grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual;
-    const bool want_input = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) ||
-                            ctx->needs_input_grad(3);
-    const bool want_weight = ctx->needs_input_grad(4);
-    if (want_input || want_weight) {
-      std::tie(grad_x, grad_scale, grad_shift, grad_weight) =
-          call_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
-                        ctx->saved_data["groups"].toInt(), activation, batch_invstd, {want_input, want_weight});
-      if (ctx->needs_input_grad(1)) grad_mean = -scale * grad_shift;
-    }
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    if (has_bias && ctx->needs_input_grad(5)) {
-      const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      grad_bias = grad_out.sum({0, 2, 3}, false, acc).to(ctx->saved_data["bias_dtype"].toScalarType());
-    }
-    if (ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(has_bias ? 6 : 5)) {
-      grad_residual = grad_out;
-    }
-    return {grad_x, grad_mean, grad_scale, grad_shift, grad_weight, grad_bias, grad_residual,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+// The same unit, with its output's statistics as two non-differentiable outputs.
+class NormActConv2dStats : public torch::autograd::Function<NormActConv2dStats> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
+                               const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                               int64_t groups, c10::string_view activation,
+                               const std::optional<at::Tensor>& batch_invstd) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_unit(ctx, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+              batch_invstd);
+    auto [y, y_mean, y_var] = call_forward_stats(x, mean, scale, shift, weight, bias, residual, stride, padding,
+                                                 dilation, groups, activation, batch_invstd);
+    ctx->mark_non_differentiable({y_mean, y_var});
+    return {y, y_mean, y_var};
   }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return unit_backward(ctx, grads[0]); }
 };
 
 at::Tensor norm_act_conv2d_autograd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
@@ -115,10 +163,21 @@ at::Tensor norm_act_conv2d_autograd(const at::Tensor& x, const at::Tensor& mean,
                               activation, batch_invstd);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats_autograd(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
+  const auto out = NormActConv2dStats::apply(x, mean, scale, shift, weight, bias, residual, stride, padding,
+                                             dilation, groups, activation, batch_invstd);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   m.impl("norm_act_conv2d", &norm_act_conv2d_autograd);
+  m.impl("norm_act_conv2d_stats", &norm_act_conv2d_stats_autograd);
 }
 
 }  // namespace resfast

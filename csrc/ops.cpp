@@ -32,6 +32,15 @@ TORCH_LIBRARY(resfast, m) {
       "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, str activation, Tensor(a!) out, int out_offset, bool compute_stats=False) "
       "-> (Tensor mean, Tensor var)");
+  // norm_act_conv2d that also returns the per-channel mean and biased variance
+  // of its output, taken in the epilogue (norm_act_conv2d_into into a fresh
+  // tensor): the next training-mode BatchNorm's statistics without a pass over
+  // the output. y has norm_act_conv2d's gradient; the statistics have none
+  // (their consumer folds it into its own input gradient via batch_invstd).
+  m.def(
+      "norm_act_conv2d_stats(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
+      "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, str activation, Tensor? batch_invstd=None) -> (Tensor y, Tensor y_mean, Tensor y_var)");
   // Both gradients of norm_act_conv2d in one op, so the CPU makes a single
   // convolution-backward call. With dz = act'(z) * conv2d_input_grad(grad_out):
   // grad_scale = sum(dz * (x - mean)) and grad_shift = sum(dz), shaped like

@@ -163,3 +163,30 @@ def test_resnet200_activation_memory_at_most_052x_timm():
     mine = saved_activation_bytes(ours.train(), x)
     assert 200 * 2**20 < theirs < 270 * 2**20, f"timm saved {theirs / 2**20:.0f} MiB (DESIGN.md says 235)"
     assert mine <= 0.52 * theirs, f"resfast saved {mine / 2**20:.1f} MiB vs timm {theirs / 2**20:.1f} MiB"
+
+
+def test_training_takes_batch_statistics_from_the_epilogues():
+    """In training, every BatchNorm inside the stages gets its statistics from
+    the previous convolution's epilogue: one statistics pass (the first
+    block's input) per forward, however deep the model."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    ours, _ = pair(SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    with CountOps() as train_ops:
+        ours.train()(x)
+    assert train_ops.counts.get("channel_stats") == 1, train_ops.counts
+    assert train_ops.counts.get("norm_act_conv2d_stats", 0) >= 3 * sum(SMALL["layers"]) - 1, train_ops.counts
+    with CountOps() as eval_ops:
+        ours.eval()(x)
+    assert "channel_stats" not in eval_ops.counts and "norm_act_conv2d_stats" not in eval_ops.counts

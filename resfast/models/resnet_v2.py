@@ -32,7 +32,13 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x):
-        return self.blocks(x)
+        return self.forward_with_stats(x)[0]
+
+    def forward_with_stats(self, x, x_stats=None, output_stats=False):
+        """The blocks, each handing the next its output's batch statistics."""
+        for i, block in enumerate(self.blocks):
+            x, x_stats = block.forward_with_stats(x, x_stats, output_stats or i < len(self.blocks) - 1)
+        return x, x_stats
 
 
 class Head(nn.Module):
@@ -91,7 +97,10 @@ class ResNetV2(nn.Module):
                 nn.init.zeros_((m.conv2 if isinstance(m, PreActBasicBlock) else m.conv3).weight)
 
     def forward_features(self, x):
-        x = self.stages(self.stem(x))
+        x, stats = self.stem(x), None
+        for i, stage in enumerate(self.stages):
+            # The final norm is a plain BatchNorm2d: the last stage keeps no statistics for it.
+            x, stats = stage.forward_with_stats(x, stats, output_stats=i < len(self.stages) - 1)
         # The final pre-activation feeds a pooling, not a convolution: plain torch.
         return F.relu(self.norm(x))
 

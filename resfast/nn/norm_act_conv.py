@@ -78,11 +78,15 @@ class BNReLUConv2d(nn.Module):
         return f"activation={self.activation!r}"
 
 
-def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residual=None, activation="relu"):
-    """conv(act(normalised x)) + residual, one fused op, with conv's parameters."""
-    return ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride,
-                                 ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
-                                 conv.groups, activation)
+def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residual=None, activation="relu",
+              output_stats=False):
+    """conv(act(normalised x)) + residual, one fused op, with conv's
+    parameters; with output_stats, also the output's per-channel (mean, var)
+    from the epilogue: (y, (mean, var))."""
+    out = ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride,
+                                ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
+                                conv.groups, activation, output_stats=output_stats)
+    return (out[0], out[1:]) if output_stats else out
 
 
 def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool, batch_stats=None) -> "ops.NormAffine":

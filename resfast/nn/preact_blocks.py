@@ -36,16 +36,41 @@ class _PreActBlock(nn.Module):
         needs = in_chs != out_chs or stride != 1
         return Projection(in_chs, out_chs, stride, **factory) if needs else None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_stats(x)[0]
+
+    def forward_with_stats(self, x, x_stats=None, output_stats=False):
+        """The block as (y, y_stats). In training, x_stats are x's batch (mean,
+        var) from its producer, used instead of a statistics pass over x, and
+        with output_stats the block returns its output's, taken in the last
+        convolution's epilogue (None otherwise). Inside the block each
+        convolution's epilogue likewise gives the next BatchNorm its batch
+        statistics, so a stack of blocks passing them along makes no
+        statistics pass at all."""
+        x_stats = x_stats if self.training else None
+        return self._forward(x, x_stats, output_stats and self.training)
+
     def _shortcut(self, x, preact):
         return x if self.downsample is None else norm_conv(x, preact, self.downsample.conv)
 
-    def _last(self, h, bn, conv, shortcut):
-        affine = batch_norm_affine(h, bn, self.training)
+    def _unit(self, x, affine, conv):
+        """(conv(relu(affine(x))), its statistics in training, else None)."""
+        if self.training:
+            return norm_conv(x, affine, conv, output_stats=True)
+        return norm_conv(x, affine, conv), None
+
+    def _inner(self, h, bn, conv):
+        return self._unit(h[0], batch_norm_affine(h[0], bn, self.training, batch_stats=h[1]), conv)
+
+    def _last(self, h, bn, conv, shortcut, output_stats):
+        affine = batch_norm_affine(h[0], bn, self.training, batch_stats=h[1])
         if self.training and self.drop_path_rate > 0:
             # Stochastic depth scales the branch per sample before the add, so
-            # the add cannot ride in the epilogue.
-            return shortcut + ops.drop_path(norm_conv(h, affine, conv), self.drop_path_rate, True)
-        return norm_conv(h, affine, conv, residual=shortcut)
+            # the add (and so the output's statistics) cannot ride in the epilogue.
+            return shortcut + ops.drop_path(norm_conv(h[0], affine, conv), self.drop_path_rate, True), None
+        if output_stats:
+            return norm_conv(h[0], affine, conv, residual=shortcut, output_stats=True)
+        return norm_conv(h[0], affine, conv, residual=shortcut), None
 
     def extra_repr(self):
         return f"drop_path_rate={self.drop_path_rate}" if self.drop_path_rate else ""
@@ -67,11 +92,11 @@ class PreActBasicBlock(_PreActBlock):
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, 1, dilation, dilation, groups, bias=False, **factory)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = batch_norm_affine(x, self.norm1, self.training)
+    def _forward(self, x, x_stats, output_stats):
+        preact = batch_norm_affine(x, self.norm1, self.training, batch_stats=x_stats)
         shortcut = self._shortcut(x, preact)
-        h = norm_conv(x, preact, self.conv1)
-        return self._last(h, self.norm2, self.conv2, shortcut)
+        h = self._unit(x, preact, self.conv1)
+        return self._last(h, self.norm2, self.conv2, shortcut, output_stats)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -102,9 +127,9 @@ class PreActBottleneck(_PreActBlock):
         self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False, **factory)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = batch_norm_affine(x, self.norm1, self.training)
+    def _forward(self, x, x_stats, output_stats):
+        preact = batch_norm_affine(x, self.norm1, self.training, batch_stats=x_stats)
         shortcut = self._shortcut(x, preact)
-        h = norm_conv(x, preact, self.conv1)
-        h = norm_conv(h, batch_norm_affine(h, self.norm2, self.training), self.conv2)
-        return self._last(h, self.norm3, self.conv3, shortcut)
+        h = self._unit(x, preact, self.conv1)
+        h = self._inner(h, self.norm2, self.conv2)
+        return self._last(h, self.norm3, self.conv3, shortcut, output_stats)

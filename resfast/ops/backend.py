@@ -18,6 +18,8 @@ import os
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from resfast.ops.composite import COMPOSITES
+
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
@@ -54,6 +56,8 @@ class _BackendMode(TorchDispatchMode):
             if os.environ.get("TRITON_INTERPRET") != "1":
                 raise RuntimeError("resfast.backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before "
                                    "triton is imported")
+        if op_name in COMPOSITES:
+            return COMPOSITES[op_name](self.impls, *args, **kwargs)
         return self.impls[op_name](*args, **kwargs)
 
 

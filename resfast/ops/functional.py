@@ -109,6 +109,31 @@ def norm_act_conv2d_into(x, mean, scale, shift, weight, out, out_offset, bias=No
                                     list(dilation), groups, activation, out, out_offset, compute_stats)
 
 
+def norm_act_conv2d_stats(x, mean, scale, shift, weight, bias=None, residual=None, stride=1, padding=0,
+                          dilation=1, groups=1, activation="relu", batch_invstd=None):
+    """norm_act_conv2d returning (y, y_mean, y_var): y's per-channel mean and
+    biased variance come from the convolution's epilogue, for the training-
+    mode BatchNorm that consumes y (pass them as its batch_stats). They carry
+    no gradient: that BatchNorm's fused op adds theirs through batch_invstd."""
+    check_activation_input(x)
+    check_activation(activation)
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = conv_padding(padding, weight.shape[2:], dilation)
+    check_conv_args(x, weight, stride, padding, dilation, groups)
+    check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual)
+    x, weight, bias = _autocast_compute(x, weight, bias)
+    if residual is not None and residual.dtype != weight.dtype:
+        # Mixed dtypes (autocast): the add promotes outside the op, so the
+        # statistics need their own pass over the promoted sum.
+        y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, None, list(stride), list(padding),
+                                list(dilation), groups, activation, batch_invstd) + residual
+        with torch.no_grad():
+            y_mean, y_var = ops.channel_stats(y)
+        return y, y_mean, y_var
+    return ops.norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, list(stride), list(padding),
+                                     list(dilation), groups, activation, batch_invstd)
+
+
 def _check_finite(name, value, low=None):
     if not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
         raise ValueError(f"{name}: expected a finite number{'' if low is None else f' >= {low}'}, got {value!r}")
@@ -203,10 +228,12 @@ def group_norm_affine(x, num_groups, weight, bias, eps) -> NormAffine:
 
 
 def affine_act_conv2d(x, affine: NormAffine, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
-                      groups=1, activation="relu"):
-    """norm_act_conv2d with the normalisation given as a NormAffine."""
-    return norm_act_conv2d(x, affine.mean, affine.scale, affine.shift, weight, bias, residual, stride, padding,
-                           dilation, groups, activation, affine.batch_invstd)
+                      groups=1, activation="relu", output_stats=False):
+    """norm_act_conv2d with the normalisation given as a NormAffine; with
+    output_stats, norm_act_conv2d_stats: (y, y_mean, y_var)."""
+    fused = norm_act_conv2d_stats if output_stats else norm_act_conv2d
+    return fused(x, affine.mean, affine.scale, affine.shift, weight, bias, residual, stride, padding, dilation, groups,
+                 activation, affine.batch_invstd)
 
 
 def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,

@@ -29,6 +29,15 @@ def _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride,
     return y.contiguous(memory_format=kernel_format(x))
 
 
+@torch.library.register_fake("resfast::norm_act_conv2d_stats")
+def _norm_act_conv2d_stats_fake(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                                activation, batch_invstd=None):
+    y = _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                              activation)
+    acc = accumulation_dtype(weight.dtype)
+    return y, y.new_empty((weight.shape[0],), dtype=acc), y.new_empty((weight.shape[0],), dtype=acc)
+
+
 @torch.library.register_fake("resfast::norm_act_conv2d_into")
 def _norm_act_conv2d_into_fake(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
                                activation, out, out_offset, compute_stats=False):

@@ -1,0 +1,20 @@
+"""Python twins of the ops that C++ composes from other resfast ops
+(CompositeExplicitAutograd kernels), for resfast.backend: run here, their
+inner ops go through the backend the block chose."""
+
+import torch
+
+from resfast.ops.layout import conv_output_size, kernel_format
+
+
+def norm_act_conv2d_stats(impls, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                          activation, batch_invstd=None):
+    oh, ow = conv_output_size(x, weight, stride, padding, dilation)
+    y = torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=weight.dtype, device=x.device,
+                    memory_format=kernel_format(x))
+    y_mean, y_var = impls["norm_act_conv2d_into"](x, mean, scale, shift, weight, bias, residual, stride, padding,
+                                                  dilation, groups, activation, y, 0, True)
+    return y, y_mean, y_var
+
+
+COMPOSITES = {"norm_act_conv2d_stats": norm_act_conv2d_stats}
