@@ -15,10 +15,11 @@ from resfast.ops.functional import (  # noqa: E402
     channel_stats,
     conv_padding,
     drop_path,
+    group_norm,
     group_norm_affine,
     norm_act_conv2d,
 )
 
 __all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "backend", "batch_norm_act_conv2d", "batch_norm_affine",
-           "channel_stats", "conv_padding", "drop_path", "group_norm_affine",
+           "channel_stats", "conv_padding", "drop_path", "group_norm", "group_norm_affine",
            "norm_act_conv2d"]
