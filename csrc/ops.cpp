@@ -54,4 +54,23 @@ TORCH_LIBRARY(resfast, m) {
       "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
       "Tensor? batch_invstd, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, Tensor grad_weight)");
+  // GroupNorm of an (N, C, H, W) tensor with G = num_groups groups of C / G
+  // channels, followed by an activation ("identity", "relu", "silu"):
+  //   y = act((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]).
+  // mean and rstd = 1 / sqrt(var + eps) (biased variance) are (N, G), float32
+  // (float64 for float64 input); weight/bias are optional (C,) vectors of x's
+  // dtype. y is laid out like x.
+  m.def(
+      "group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation) "
+      "-> (Tensor y, Tensor mean, Tensor rstd)");
+  // Gradients of group_norm's y, recomputing act's input from x (y is not
+  // read). output_mask = (x, weight, bias); masked-off outputs are undefined.
+  m.def(
+      "group_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "str activation, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // Per-(sample, group) mean and biased variance, (N, G), float32 (float64 for
+  // float64 input): the differentiable statistics of GroupNorm for the fused
+  // conv unit, which applies them in its prologue.
+  m.def("group_stats(Tensor x, int num_groups) -> (Tensor mean, Tensor var)");
+  m.def("group_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
 }

@@ -20,7 +20,7 @@ import traceback
 import pytest
 import torch
 
-from resfast.kernels import conv, stats
+from resfast.kernels import conv, group_norm, stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-block shared memory opt-in limits: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
@@ -83,6 +83,36 @@ def _stats_backward(dtype):
     stats.channel_stats_backward(x, vec, vec, vec)
 
 
+# GroupNorm at a U-Net / diffusion shape: 256 channels, 32 groups, 32x32, batch 16.
+GN = dict(n=16, c=256, hw=32)
+
+
+def _gn_inputs(dtype):
+    x = torch.empty((GN["n"], GN["c"], GN["hw"], GN["hw"]), dtype=dtype, device="meta",
+                    memory_format=torch.channels_last)
+    nc = torch.empty((GN["n"], GN["c"]), device="meta")
+    return x, nc
+
+
+def _gn_stats(dtype):
+    group_norm.launch_stats_partials(_gn_inputs(dtype)[0])
+
+
+def _gn_apply(dtype):
+    x, nc = _gn_inputs(dtype)
+    group_norm.apply(x, nc, nc, nc, "silu")
+
+
+def _gn_backward_partials(dtype):
+    x, nc = _gn_inputs(dtype)
+    group_norm.launch_backward_partials(x, x, nc, nc, nc, "silu")
+
+
+def _gn_input_grad(dtype):
+    x, nc = _gn_inputs(dtype)
+    group_norm.input_grad(x, x, nc, nc, nc, nc, nc, "silu")
+
+
 bf16 = torch.bfloat16
 # name -> (configs to compile, launcher call, whether the kernel must use tensor cores).
 # The depthwise variants only check that the smallest (the heuristic's pick
@@ -96,6 +126,11 @@ VARIANTS = {
     "backward_weight-bf16": (conv.WGRAD_CONFIGS, lambda: _backward_weight(bf16), True),
     "stats-bf16": (stats.STATS_CONFIGS, lambda: _stats(bf16), False),
     "stats_backward-bf16": (stats.STATS_CONFIGS, lambda: _stats_backward(bf16), False),
+    "gn_stats-bf16": (group_norm.GN_CONFIGS, lambda: _gn_stats(bf16), False),
+    "gn_apply-bf16": (group_norm.GN_CONFIGS, lambda: _gn_apply(bf16), False),
+    "gn_backward_partials-bf16": (group_norm.GN_CONFIGS, lambda: _gn_backward_partials(bf16), False),
+    "gn_input_grad-bf16": (group_norm.GN_CONFIGS, lambda: _gn_input_grad(bf16), False),
+    "gn_apply-fp32": (group_norm.GN_CONFIGS, lambda: _gn_apply(torch.float32), False),
     "forward-depthwise": (conv.FWD_CONFIGS[-1:], lambda: _forward(bf16, bf16, DEPTHWISE), True),
     "backward_input-depthwise": (conv.DGRAD_CONFIGS[-1:],
                                  lambda: _backward_input(bf16, 1, DEPTHWISE), True),
@@ -113,18 +148,18 @@ def _record_launch(call, config):
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
 
-    saved = (JITFunction.run, conv._pick_config, stats._pick_config, conv.check_device,
-             stats.check_device)
+    saved = (JITFunction.run, conv._pick_config, stats._pick_config, group_norm._pick_config, conv.check_device,
+             stats.check_device, group_norm.check_device)
     JITFunction.run = record
     conv._pick_config = lambda configs, *shape: config
-    stats._pick_config = lambda x: config
+    stats._pick_config = group_norm._pick_config = lambda x: config
     # The launchers only accept CUDA tensors once compiled; meta tensors stand in.
-    conv.check_device = stats.check_device = lambda *a: None
+    conv.check_device = stats.check_device = group_norm.check_device = lambda *a: None
     try:
         call()
     finally:
-        (JITFunction.run, conv._pick_config, stats._pick_config, conv.check_device,
-         stats.check_device) = saved
+        (JITFunction.run, conv._pick_config, stats._pick_config, group_norm._pick_config, conv.check_device,
+         stats.check_device, group_norm.check_device) = saved
     return launches
 
 

@@ -79,11 +79,16 @@ def test_skips_are_never_concatenated():
         assert ("cat" in ops.seen) == expect_cat, sorted(ops.seen)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("norm", ["group", "batch"])
-def test_activation_memory_at_most_06x_reference(norm):
+def test_activation_memory_at_most_06x_reference(norm, channels_last):
     cfg = dict(in_channels=3, out_channels=2, widths=(16, 32, 64, 128), num_groups=8, norm=norm)
     ours, ref = pair(**cfg)
-    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    x = torch.randn(2, 3, 64, 64)
+    if channels_last:
+        ours, ref = ours.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     theirs = saved_activation_bytes(ref.float().train(), x)
     mine = saved_activation_bytes(ours.train(), x)
     assert mine <= 0.6 * theirs, f"resfast saved {mine / 2**20:.2f} MiB vs reference {theirs / 2**20:.2f} MiB"

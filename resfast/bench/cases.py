@@ -120,6 +120,63 @@ class UNetCase(_Case):
         return _place(eager, ours, x, device, dtype, channels_last)
 
 
+@dataclass(frozen=True)
+class GroupNormActCase(_Case):
+    """GroupNorm + SiLU (resfast.nn.GroupNormAct) against nn.GroupNorm, nn.SiLU.
+    channels_last is part of the case: torch's GroupNorm is much slower on it."""
+
+    batch = {"cuda": 16, "cpu": 4, "quick": 2}
+
+    name: str
+    channels: int
+    groups: int
+    size: int
+    channels_last: bool
+
+    def build(self, batch, device, dtype, channels_last):
+        ours = resfast.nn.GroupNormAct(self.groups, self.channels, activation="silu")
+        eager = nn.Sequential(nn.GroupNorm(self.groups, self.channels), nn.SiLU())
+        with torch.no_grad():
+            eager[0].weight.uniform_(0.5, 1.5)
+            eager[0].bias.uniform_(-0.5, 0.5)
+        ours.load_state_dict(eager[0].state_dict())
+        x = torch.randn(batch, self.channels, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last or self.channels_last)
+
+
+@dataclass(frozen=True)
+class GNActConvCase(_Case):
+    """One GN→SiLU→conv3x3 unit (resfast.nn.GNActConv2d) against its eager twin."""
+
+    batch = {"cuda": 16, "cpu": 4, "quick": 2}
+
+    name: str
+    in_channels: int
+    out_channels: int
+    groups: int
+    size: int
+    channels_last: bool
+
+    def build(self, batch, device, dtype, channels_last):
+        unit = resfast.nn.GNActConv2d(self.in_channels, self.out_channels, 3, padding=1, num_groups=self.groups)
+        eager = nn.Sequential(nn.GroupNorm(self.groups, self.in_channels), nn.SiLU(),
+                              nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1))
+        eager[0].load_state_dict(unit.norm.state_dict())
+        eager[2].load_state_dict(unit.conv.state_dict())
+        x = torch.randn(batch, self.in_channels, self.size, self.size)
+        return _place(eager, unit, x, device, dtype, channels_last or self.channels_last)
+
+
+# GroupNorm at U-Net / diffusion shapes (32 groups), both memory formats.
+GROUP_NORM = [GroupNormActCase(f"GroupNorm+SiLU {c}@{s} {'cl' if cl else 'nchw'}", c, 32, s, cl)
+              for c, s in ((128, 64), (256, 32), (512, 16)) for cl in (False, True)]
+GN_UNITS = [GNActConvCase(f"GroupNorm->SiLU->conv3x3 {c}@{s} {'cl' if cl else 'nchw'}", c, c, 32, s, cl)
+            for c, s in ((128, 32),) for cl in (False, True)]
+QUICK_GROUP_NORM = [GroupNormActCase(f"GroupNorm+SiLU 64@32 {'cl' if cl else 'nchw'}", 64, 32, 32, cl)
+                    for cl in (False, True)]
+QUICK_GN_UNITS = [GNActConvCase(f"GroupNorm->SiLU->conv3x3 64@16 {'cl' if cl else 'nchw'}", 64, 64, 32, 16, cl)
+                  for cl in (False, True)]
+
 # Units at ResNet-200 shapes (224x224 input): the bottleneck's 1x1 reduce and
 # 3x3 in stages 1-3, and the 1x1 expand of stage 2.
 OPS = [
@@ -129,7 +186,8 @@ OPS = [
     UnitCase("unit 1x1 128->512 @28", 128, 512, 1, 1, 28),
     UnitCase("unit 3x3 256->256 @14", 256, 256, 3, 1, 14),
 ]
-QUICK_OPS = OPS[:3]
+QUICK_OPS = OPS[:3] + QUICK_GROUP_NORM + QUICK_GN_UNITS
+OPS = OPS + GROUP_NORM + GN_UNITS
 
 BLOCKS = [
     BottleneckCase("bottleneck 256->256 @56", 256, 256, 1, 56),

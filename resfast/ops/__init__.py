@@ -15,6 +15,7 @@ from resfast.ops.functional import (  # noqa: E402
     channel_stats,
     conv_padding,
     drop_path,
+    group_norm,
     group_norm_affine,
     norm_act_conv2d,
     norm_act_conv2d_into,
@@ -22,5 +23,5 @@ from resfast.ops.functional import (  # noqa: E402
 )
 
 __all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "backend", "batch_norm_act_conv2d", "batch_norm_affine",
-           "channel_stats", "conv_padding", "drop_path", "group_norm_affine",
+           "channel_stats", "conv_padding", "drop_path", "group_norm", "group_norm_affine",
            "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats"]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from resfast.ops.checks import (
+    FLOAT_DTYPES,
     check_activation,
     check_activation_input,
     check_channel_vector,
@@ -205,20 +206,56 @@ def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training
     return NormAffine(mean, scale, shift, batch_invstd)
 
 
-def group_norm_affine(x, num_groups, weight, bias, eps) -> NormAffine:
-    """GroupNorm of x (F.group_norm's arguments) as a per-(sample, channel)
-    NormAffine; the statistics stay in the autograd graph, so the fused op's
-    gradients with respect to mean and scale reach x through them."""
-    check_activation_input(x)
+def _check_group_norm_args(x, num_groups, weight, bias, eps):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"x: expected one of {names}, got {x.dtype}")
     _check_finite("eps", eps, low=0)
-    n, c = x.shape[:2]
-    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+    c = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
         raise ValueError(f"num_groups: expected a positive divisor of the {c} channels, got {num_groups!r}")
     for name, t in (("weight", weight), ("bias", bias)):
         check_channel_vector(x, name, t)
+        if t is not None and t.dtype not in (x.dtype, accumulation_dtype(x.dtype)):
+            raise TypeError(f"{name}: expected dtype {x.dtype} or {accumulation_dtype(x.dtype)}, got {t.dtype}")
     check_same_device(x, weight=weight, bias=bias)
+
+
+# Devices whose autocast runs group_norm in float32 (torch's autocast op
+# lists: on CUDA group_norm is a float32 op; on the CPU it keeps x's dtype).
+_GROUP_NORM_AUTOCAST_FP32 = ("cuda",)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation="identity"):
+    """act(F.group_norm(x, num_groups, weight, bias, eps)) in one pass, with
+    F.group_norm's semantics for (N, C, *) input; the backward recomputes
+    act's input from x, so only x is saved."""
+    if isinstance(x, torch.Tensor) and x.dim() < 2:
+        raise ValueError(f"x: expected an (N, C, *) tensor of at least 2 dimensions, got shape {tuple(x.shape)}")
+    _check_group_norm_args(x, num_groups, weight, bias, eps)
+    check_activation(activation)
+    if x.device.type in _GROUP_NORM_AUTOCAST_FP32 and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+    if x.dim() == 4:
+        return ops.group_norm(x, num_groups, weight, bias, float(eps), activation)[0]
+    # Other ranks are (N, C, L) in effect: one pixel column of L values.
+    shape = x.shape
+    x4 = x.reshape(shape[0], shape[1], -1, 1)
+    return ops.group_norm(x4, num_groups, weight, bias, float(eps), activation)[0].reshape(shape)
+
+
+def group_norm_affine(x, num_groups, weight, bias, eps) -> NormAffine:
+    """GroupNorm of x (F.group_norm's arguments) as a per-(sample, channel)
+    NormAffine. The (N, G) statistics come from the differentiable group_stats
+    op (no copy of x, either layout), so the fused op's gradients with respect
+    to mean and scale reach x through them."""
+    check_activation_input(x)
+    _check_group_norm_args(x, num_groups, weight, bias, eps)
+    n, c = x.shape[:2]
     acc = accumulation_dtype(x.dtype)
-    var, mean = torch.var_mean(x.to(acc).reshape(n, num_groups, -1), dim=2, unbiased=False)
+    mean, var = ops.group_stats(x, num_groups)
     per_channel = c // num_groups
     mean = mean.repeat_interleave(per_channel, dim=1)
     invstd = torch.rsqrt(var + eps).repeat_interleave(per_channel, dim=1)

@@ -58,6 +58,37 @@ def _norm_act_conv2d_backward_fake(grad_out, x, mean, scale, shift, weight, stri
     return grad_x, grad_scale, grad_shift, grad_weight
 
 
+@torch.library.register_fake("resfast::group_stats")
+def _group_stats_fake(x, num_groups):
+    acc = accumulation_dtype(x.dtype)
+    shape = (x.shape[0], num_groups)
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake("resfast::group_stats_backward")
+def _group_stats_backward_fake(x, mean, grad_mean, grad_var):
+    return torch.empty_like(x, memory_format=kernel_format(x))
+
+
+@torch.library.register_fake("resfast::group_norm")
+def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
+    acc = accumulation_dtype(x.dtype)
+    shape = (x.shape[0], num_groups)
+    y = torch.empty_like(x, memory_format=kernel_format(x))
+    return y, x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake("resfast::group_norm_backward")
+def _group_norm_backward_fake(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
+    acc = accumulation_dtype(x.dtype)
+    grad_x = torch.empty_like(x, memory_format=kernel_format(x)) if output_mask[0] else None
+    vectors = []
+    for wanted, t in zip(output_mask[1:], (weight, bias)):
+        like = t if t is not None else x.new_empty((x.shape[1],), dtype=acc)
+        vectors.append(torch.empty_like(like) if wanted else None)
+    return grad_x, *vectors
+
+
 # ---------------------------------------------------------------- autograd
 def _channel_stats_setup(ctx, inputs, output):
     (x,) = inputs
@@ -75,6 +106,44 @@ def _channel_stats_backward(ctx, grad_mean, grad_var):
 torch.library.register_autograd(
     "resfast::channel_stats", _channel_stats_backward, setup_context=_channel_stats_setup
 )
+
+
+def _group_stats_setup(ctx, inputs, output):
+    x, _ = inputs
+    mean, _ = output
+    ctx.save_for_backward(x, mean)
+
+
+def _group_stats_backward(ctx, grad_mean, grad_var):
+    x, mean = ctx.saved_tensors
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+    return ops.group_stats_backward(x, mean, grad_mean.contiguous(), grad_var.contiguous()), None
+
+
+torch.library.register_autograd("resfast::group_stats", _group_stats_backward, setup_context=_group_stats_setup)
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, _, weight, bias, _, activation = inputs
+    _, mean, rstd = output
+    # x and the (N, G) statistics only: act's input is recomputed from x.
+    ctx.save_for_backward(x, mean, rstd, weight, bias)
+    ctx.activation = activation
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _group_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, mean, rstd, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
+    grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+    grad_x, grad_weight, grad_bias = ops.group_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.activation,
+                                                             mask)
+    return grad_x, None, grad_weight, grad_bias, None, None
+
+
+torch.library.register_autograd("resfast::group_norm", _group_norm_backward, setup_context=_group_norm_setup)
 
 
 # norm_act_conv2d's autograd is registered in C++ (csrc/autograd.cpp).

@@ -98,7 +98,71 @@ def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, pa
     return grad_x, grad_scale, grad_shift, grad_weight
 
 
+def _by_group(t, num_groups):
+    return t.reshape(t.shape[0], num_groups, -1)
+
+
+def _per_channel(per_group, channels):
+    """(N, G) values as (N, C, 1, 1), each group's value over its channels."""
+    return per_group.repeat_interleave(channels // per_group.shape[1], dim=1)[:, :, None, None]
+
+
+def group_stats(x, num_groups):
+    acc = accumulation_dtype(x.dtype)
+    var, mean = torch.var_mean(_by_group(x.to(torch.float64), num_groups), dim=2, unbiased=False)
+    return mean.to(acc), var.to(acc)
+
+
+def group_stats_backward(x, mean, grad_mean, grad_var):
+    count = x[0].numel() // mean.shape[1]
+    centered = x.to(mean.dtype) - _per_channel(mean, x.shape[1])
+    g = (_per_channel(grad_mean, x.shape[1]) + 2 * _per_channel(grad_var, x.shape[1]) * centered) / count
+    return g.to(x.dtype).contiguous(memory_format=kernel_format(x))
+
+
+def _affine_vectors(x, weight, bias, acc):
+    w = x.new_ones(x.shape[1], dtype=acc) if weight is None else weight.to(acc)
+    b = x.new_zeros(x.shape[1], dtype=acc) if bias is None else bias.to(acc)
+    return w, b
+
+
+def group_norm(x, num_groups, weight, bias, eps, activation):
+    mean, var = group_stats(x, num_groups)
+    rstd = torch.rsqrt(var + eps)
+    w, b = _affine_vectors(x, weight, bias, mean.dtype)
+    xhat = (x.to(mean.dtype) - _per_channel(mean, x.shape[1])) * _per_channel(rstd, x.shape[1])
+    y = _activate(xhat * _per_element(w) + _per_element(b), activation)
+    return y.to(x.dtype).contiguous(memory_format=kernel_format(x)), mean, rstd
+
+
+def group_norm_backward(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
+    w, b = _affine_vectors(x, weight, bias, mean.dtype)
+    num_groups = mean.shape[1]
+    xhat = (x.to(mean.dtype) - _per_channel(mean, x.shape[1])) * _per_channel(rstd, x.shape[1])
+    z = xhat * _per_element(w) + _per_element(b)
+    dz = grad_y.to(z.dtype) * _activation_grad(z, activation)
+    grad_x = grad_weight = grad_bias = None
+    if output_mask[0]:
+        dxhat = dz * _per_element(w)
+        mean_dxhat = _by_group(dxhat, num_groups).mean(2)
+        mean_dxhat_xhat = _by_group(dxhat * xhat, num_groups).mean(2)
+        grad_x = _per_channel(rstd, x.shape[1]) * (
+            dxhat - _per_channel(mean_dxhat, x.shape[1]) - xhat * _per_channel(mean_dxhat_xhat, x.shape[1]))
+        grad_x = grad_x.to(x.dtype).contiguous(memory_format=kernel_format(x))
+    if output_mask[1]:
+        grad_weight = (dz * xhat).sum((0, 2, 3))
+        grad_weight = grad_weight if weight is None else grad_weight.to(weight.dtype)
+    if output_mask[2]:
+        grad_bias = dz.sum((0, 2, 3))
+        grad_bias = grad_bias if bias is None else grad_bias.to(bias.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
 IMPLS = {
+    "group_stats": group_stats,
+    "group_stats_backward": group_stats_backward,
+    "group_norm": group_norm,
+    "group_norm_backward": group_norm_backward,
     "channel_stats": channel_stats,
     "channel_stats_backward": channel_stats_backward,
     "norm_act_conv2d": norm_act_conv2d,

@@ -10,7 +10,8 @@ from resfast.ops.layout import kernel_format
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Ops whose registered CUDA kernel is the Triton one; the others run CUDA C++.
-CUDA_OPS = ("norm_act_conv2d", "norm_act_conv2d_backward", "norm_act_conv2d_into")
+CUDA_OPS = ("norm_act_conv2d", "norm_act_conv2d_backward", "norm_act_conv2d_into", "group_stats",
+            "group_stats_backward", "group_norm", "group_norm_backward")
 
 
 def _kernels():
@@ -18,6 +19,63 @@ def _kernels():
     from resfast.kernels import conv, stats
 
     return conv, stats
+
+
+def _gn_kernels():
+    from resfast.kernels import group_norm
+
+    return group_norm
+
+
+def _check_groups(x, num_groups):
+    check_activation_input(x, dtypes=TRITON_DTYPES)
+    if num_groups <= 0 or x.shape[1] % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {x.shape[1]} channels, got {num_groups}")
+    if x.shape[0] and not x[0].numel():
+        raise ValueError(f"x: expected at least one value per group, got shape {tuple(x.shape)}")
+    return x.contiguous(memory_format=kernel_format(x))
+
+
+def _check_group_vectors(x, **tensors):
+    for name, t in tensors.items():
+        if t.dim() != 2 or t.shape[0] != x.shape[0] or t.dtype != torch.float32:
+            raise ValueError(f"{name}: expected a float32 (N, G) tensor with N = {x.shape[0]}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
+def _check_affine(x, **tensors):
+    for name, t in tensors.items():
+        if t is not None:
+            check_channel_vector(x, name, t)
+
+
+def group_stats(x, num_groups):
+    x = _check_groups(x, num_groups)
+    return _gn_kernels().group_stats(x, num_groups)
+
+
+def group_stats_backward(x, mean, grad_mean, grad_var):
+    x = _check_groups(x, mean.shape[1] if mean.dim() == 2 else 0)
+    _check_group_vectors(x, mean=mean, grad_mean=grad_mean, grad_var=grad_var)
+    return _gn_kernels().group_stats_backward(x, mean, grad_mean, grad_var)
+
+
+def group_norm(x, num_groups, weight, bias, eps, activation):
+    x = _check_groups(x, num_groups)
+    check_activation(activation)
+    _check_affine(x, weight=weight, bias=bias)
+    return _gn_kernels().group_norm(x, num_groups, weight, bias, eps, activation)
+
+
+def group_norm_backward(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
+    x = _check_groups(x, mean.shape[1] if mean.dim() == 2 else 0)
+    check_activation(activation)
+    _check_group_vectors(x, mean=mean, rstd=rstd)
+    _check_affine(x, weight=weight, bias=bias)
+    if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
+        raise ValueError(f"grad_y: expected {x.dtype} {tuple(x.shape)}, got {grad_y.dtype} {tuple(grad_y.shape)}")
+    grad_y = grad_y.contiguous(memory_format=kernel_format(x))
+    return _gn_kernels().group_norm_backward(grad_y, x, mean, rstd, weight, bias, activation, output_mask)
 
 
 def _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation):
@@ -93,6 +151,10 @@ def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, pa
 
 
 IMPLS = {
+    "group_stats": group_stats,
+    "group_stats_backward": group_stats_backward,
+    "group_norm": group_norm,
+    "group_norm_backward": group_norm_backward,
     "channel_stats": channel_stats,
     "channel_stats_backward": channel_stats_backward,
     "norm_act_conv2d": norm_act_conv2d,

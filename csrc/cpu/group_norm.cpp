@@ -1,0 +1,397 @@
+// CPU kernels of GroupNorm (+ activation) and of its differentiable
+// statistics. Statistics are per-(sample, channel) shifted sums reduced by
+// channel_loops.h (planes for NCHW, rows of channels for channels_last, both
+// parallel within a group), folded into groups in double; the normalisation
+// is then a per-(sample, channel) affine pass (norm_act_passes.h), and the
+// backward recomputes act's input from x instead of reading y.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/norm_act_math.h"
+#include "channel_loops.h"
+#include "dispatch.h"
+#include "norm_act_passes.h"
+
+namespace resfast::cpu {
+namespace {
+
+// Sums of (x - pivot[n, c]) and its square per (sample, channel). Every
+// channel of a group shares the group's pivot, one of its values, so the sums
+// stay small whatever the mean is (moments_from_shifted_sums) and still add up
+// across the group's channels.
+template <typename scalar_t>
+struct GroupShiftedSums {
+  using sum_t = at::opmath_type<scalar_t>;
+  // Values are summed in sum_t in blocks (a vectorised reduction), the blocks in double.
+  static constexpr int64_t kBlock = 256;
+  const scalar_t* __restrict__ x;
+  const sum_t* __restrict__ pivot;
+  int64_t channels;
+
+  std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+    const sum_t shift = pivot[n * channels + c];
+    double sum = 0, sum_sq = 0;
+    for (int64_t start = offset; start < offset + length; start += kBlock) {
+      const int64_t len = std::min(kBlock, offset + length - start);
+      sum_t block = 0, block_sq = 0;
+#pragma omp simd reduction(+ : block, block_sq)
+      for (int64_t j = 0; j < len; ++j) {
+        const sum_t d = static_cast<sum_t>(x[start + j]) - shift;
+        block += d;
+        block_sq += d * d;
+      }
+      sum += block;
+      sum_sq += block_sq;
+    }
+    return {sum, sum_sq};
+  }
+
+  void row(int64_t n, int64_t offset, sum_t* __restrict__ acc) const {
+    const scalar_t* __restrict__ xr = x + offset;
+    const sum_t* __restrict__ pv = pivot + n * channels;
+    sum_t* __restrict__ sum = acc;
+    sum_t* __restrict__ sum_sq = acc + channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const sum_t d = static_cast<sum_t>(xr[c]) - pv[c];
+      sum[c] += d;
+      sum_sq[c] += d * d;
+    }
+  }
+};
+
+// grad_x = coef_a[n, c] + coef_b[n, c] * (x - mean[n, c]), plus, with kGradY,
+// act'(z) * grad_y * scale[n, c] where z = (x - mean) * scale + shift: the
+// input gradient of GroupNorm (+ activation) and of the group statistics.
+// The centred form keeps large-mean inputs exact.
+template <typename scalar_t, typename acc_t, Activation A, bool kGradY>
+struct GroupInputGrad {
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ grad_y;
+  scalar_t* __restrict__ grad_x;
+  NormParams<acc_t> p;
+  const acc_t* __restrict__ coef_a;
+  const acc_t* __restrict__ coef_b;
+  int64_t channels;
+
+  acc_t value(int64_t i, acc_t m, acc_t s, acc_t b, acc_t ca, acc_t cb) const {
+    const acc_t centered = static_cast<acc_t>(x[i]) - m;
+    acc_t g = ca + cb * centered;
+    if constexpr (kGradY) g += activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_y[i])) * s;
+    return g;
+  }
+
+  void plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+    const int64_t k = p.index(n, c);
+    const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k], ca = coef_a[k], cb = coef_b[k];
+#pragma omp simd
+    for (int64_t i = offset; i < offset + length; ++i) grad_x[i] = static_cast<scalar_t>(value(i, m, s, b, ca, cb));
+  }
+
+  void row(int64_t n, int64_t offset) const {
+    const int64_t k0 = p.index(n, 0);
+    const acc_t* __restrict__ m = p.mean + k0;
+    const acc_t* __restrict__ s = p.scale + k0;
+    const acc_t* __restrict__ b = p.shift + k0;
+    const acc_t* __restrict__ ca = coef_a + k0;
+    const acc_t* __restrict__ cb = coef_b + k0;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_x[offset + c] = static_cast<scalar_t>(value(offset + c, m[c], s[c], b[c], ca[c], cb[c]));
+    }
+  }
+};
+
+struct GroupGeometry {
+  Geometry g;
+  int64_t groups, per_group;  // G and C / G
+  int64_t count() const { return per_group * g.hw; }
+  int64_t group_of(int64_t c) const { return c / per_group; }
+};
+
+GroupGeometry check_groups(const at::Tensor& x, int64_t num_groups) {
+  check_activation_input(x, "x");
+  TORCH_CHECK_VALUE(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: expected a positive divisor of the ",
+                    x.size(1), " channels, got ", num_groups);
+  TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) * x.size(2) * x.size(3) > 0,
+                    "x: expected at least one value per group, got shape ", x.sizes());
+  return {geometry(x), num_groups, x.size(1) / num_groups};
+}
+
+// weight/bias: (C,) of x's dtype or of its accumulation dtype.
+void check_affine(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape (", x.size(1),
+                    ",) for input of shape ", x.sizes(), ", got ", t->sizes());
+  const auto acc = accumulation_type(x.scalar_type());
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type() || t->scalar_type() == acc, name, ": expected dtype ",
+                   x.scalar_type(), " or ", acc, ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
+}
+
+// mean/rstd-like (N, G) statistics: shape, accumulation dtype, device.
+void check_group_vector(const at::Tensor& x, const at::Tensor& t, int64_t groups, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == groups, name, ": expected shape (",
+                    x.size(0), ", ", groups, "), got ", t.sizes());
+  const auto acc = accumulation_type(x.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
+}
+
+// (weight or 1) and (bias or 0) as acc_t vectors.
+template <typename acc_t>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> affine_vectors(const std::optional<at::Tensor>& weight,
+                                                                 const std::optional<at::Tensor>& bias,
+                                                                 int64_t channels) {
+  std::vector<acc_t> w(channels, acc_t(1)), b(channels, acc_t(0));
+  const std::pair<const std::optional<at::Tensor>*, std::vector<acc_t>*> items[] = {{&weight, &w}, {&bias, &b}};
+  for (const auto& [t, out] : items) {
+    if (!t->has_value()) continue;
+    const at::Tensor v = (*t)->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    std::copy(v.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>() + channels, out->begin());
+  }
+  return {std::move(w), std::move(b)};
+}
+
+// (N, G) mean and biased variance of x (in its kernel format).
+template <typename scalar_t>
+void group_moments(const at::Tensor& x, const GroupGeometry& gg, at::Tensor& mean, at::Tensor& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const Geometry& g = gg.g;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  // Each group's first value, repeated over its channels.
+  std::vector<acc_t> pivot(g.n * g.c);
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      const int64_t c0 = gg.group_of(c) * gg.per_group;
+      pivot[n * g.c + c] = static_cast<acc_t>(px[g.channels_last ? n * g.hw * g.c + c0 : (n * g.c + c0) * g.hw]);
+    }
+  }
+  const std::vector<double> sums = sum_per_sample_channel<2>(g, GroupShiftedSums<scalar_t>{px, pivot.data(), g.c});
+  out_t* pm = mean.data_ptr<out_t>();
+  out_t* pv = var.data_ptr<out_t>();
+  const double count = static_cast<double>(gg.count());
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t grp = 0; grp < gg.groups; ++grp) {
+      double s1 = 0, s2 = 0;
+      for (int64_t c = grp * gg.per_group; c < (grp + 1) * gg.per_group; ++c) {
+        s1 += sums[(n * g.c + c) * 2];
+        s2 += sums[(n * g.c + c) * 2 + 1];
+      }
+      const Moments<double> m =
+          moments_from_shifted_sums<double>(count, pivot[n * g.c + grp * gg.per_group], s1, s2);
+      pm[n * gg.groups + grp] = static_cast<out_t>(m.mean);
+      pv[n * gg.groups + grp] = static_cast<out_t>(m.m2 / count);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x, const GroupGeometry& gg) {
+  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  at::Tensor mean = at::empty({gg.g.n, gg.groups}, acc_opts);
+  at::Tensor var = at::empty({gg.g.n, gg.groups}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_stats",
+                                  [&] { group_moments<scalar_t>(x, gg, mean, var); });
+  return {mean, var};
+}
+
+// Per-(sample, channel) (N, C) tensors from per-(sample, group) values:
+// mean[n, c] = mean[n, g], scale[n, c] = rstd[n, g] * weight[c], shift[n, c] = bias[c].
+template <typename acc_t>
+std::array<at::Tensor, 3> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const std::vector<acc_t>& w,
+                                         const std::vector<acc_t>& b, const GroupGeometry& gg) {
+  std::array<at::Tensor, 3> out;
+  for (auto& t : out) t = at::empty({gg.g.n, gg.g.c}, mean.options());
+  const acc_t* pm = mean.const_data_ptr<acc_t>();
+  const acc_t* pr = rstd.const_data_ptr<acc_t>();
+  acc_t *om = out[0].data_ptr<acc_t>(), *os = out[1].data_ptr<acc_t>(), *ob = out[2].data_ptr<acc_t>();
+  for (int64_t n = 0; n < gg.g.n; ++n) {
+    for (int64_t c = 0; c < gg.g.c; ++c) {
+      const int64_t k = n * gg.g.c + c, grp = n * gg.groups + gg.group_of(c);
+      om[k] = pm[grp];
+      os[k] = pr[grp] * w[c];
+      ob[k] = b[c];
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> group_stats(const at::Tensor& input, int64_t num_groups) {
+  const GroupGeometry gg = check_groups(input, num_groups);
+  return stats(input.contiguous(kernel_format(input)), gg);
+}
+
+at::Tensor group_stats_backward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& grad_mean,
+                                const at::Tensor& grad_var) {
+  check_activation_input(input, "x");
+  const int64_t groups = mean.dim() == 2 ? mean.size(1) : 0;
+  const GroupGeometry gg = check_groups(input, groups);
+  check_group_vector(input, mean, groups, "mean");
+  check_group_vector(input, grad_mean, groups, "grad_mean");
+  check_group_vector(input, grad_var, groups, "grad_var");
+  const at::Tensor x = input.contiguous(kernel_format(input));
+  at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return grad_x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_stats_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // d(mean)/dx = 1/M, d(var)/dx = 2 (x - mean) / M.
+    const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();
+    const std::vector<acc_t> ones(gg.g.c, acc_t(1)), zeros(gg.g.c, acc_t(0));
+    const auto [pm, ca, cb] = channel_params<acc_t>(m, gm, ones, zeros, gg);
+    const acc_t* pgm = gm.const_data_ptr<acc_t>();
+    const acc_t* pgv = gv.const_data_ptr<acc_t>();
+    acc_t *pa = ca.data_ptr<acc_t>(), *pb = cb.data_ptr<acc_t>();
+    const double inv_count = 1.0 / static_cast<double>(gg.count());
+    for (int64_t n = 0; n < gg.g.n; ++n) {
+      for (int64_t c = 0; c < gg.g.c; ++c) {
+        const int64_t grp = n * gg.groups + gg.group_of(c);
+        pa[n * gg.g.c + c] = static_cast<acc_t>(pgm[grp] * inv_count);
+        pb[n * gg.g.c + c] = static_cast<acc_t>(2 * pgv[grp] * inv_count);
+      }
+    }
+    const NormParams<acc_t> p(pm, pm, pm);
+    for_each_run(gg.g, GroupInputGrad<scalar_t, acc_t, Activation::Identity, /*kGradY=*/false>{
+                           x.const_data_ptr<scalar_t>(), nullptr, grad_x.data_ptr<scalar_t>(), p, pa, pb,
+                           gg.g.c});
+  });
+  return grad_x;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& input, int64_t num_groups,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias, double eps,
+                                                          c10::string_view activation) {
+  const GroupGeometry gg = check_groups(input, num_groups);
+  check_affine(input, weight, "weight");
+  check_affine(input, bias, "bias");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  const Activation act = parse_activation(activation);
+  const at::MemoryFormat format = kernel_format(input);
+  const at::Tensor x = input.contiguous(format);
+  auto [mean, rstd] = stats(x, gg);
+  // rstd = 1 / sqrt(var + eps), in place of var.
+  AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "group_norm_rstd", [&] {
+    scalar_t* r = rstd.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rstd.numel(); ++i) r[i] = scalar_t(1) / std::sqrt(r[i] + static_cast<scalar_t>(eps));
+  });
+  at::Tensor y = at::empty_like(x, x.options(), format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [w, b] = affine_vectors<acc_t>(weight, bias, gg.g.c);
+    const auto params = channel_params<acc_t>(mean, rstd, w, b, gg);
+    const NormParams<acc_t> p(params[0], params[1], params[2]);
+    dispatch_activation(act, [&](auto a) {
+      for_each_run(gg.g, NormalizeActivate<scalar_t, scalar_t, acc_t, decltype(a)::value>{
+                             x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, gg.g.c});
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, c10::string_view activation,
+    std::array<bool, 3> output_mask) {
+  check_activation_input(input, "x");
+  const int64_t groups = mean.dim() == 2 ? mean.size(1) : 0;
+  const GroupGeometry gg = check_groups(input, groups);
+  check_group_vector(input, mean, groups, "mean");
+  check_group_vector(input, rstd, groups, "rstd");
+  check_affine(input, weight, "weight");
+  check_affine(input, bias, "bias");
+  TORCH_CHECK_VALUE(grad_y_in.sizes() == input.sizes(), "grad_y: expected shape ", input.sizes(), ", got ",
+                    grad_y_in.sizes());
+  TORCH_CHECK_TYPE(grad_y_in.scalar_type() == input.scalar_type(), "grad_y: expected dtype ", input.scalar_type(),
+                   ", got ", grad_y_in.scalar_type());
+  const Activation act = parse_activation(activation);
+  const auto [want_x, want_weight, want_bias] = output_mask;
+  const at::MemoryFormat format = kernel_format(input);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor grad_y = grad_y_in.contiguous(format);
+  const Geometry& g = gg.g;
+
+  at::Tensor grad_x, grad_weight, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [w, b] = affine_vectors<acc_t>(weight, bias, g.c);
+    const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+    const auto params = channel_params<acc_t>(m, r, w, b, gg);
+    const NormParams<acc_t> p(params[0], params[1], params[2]);
+    // Per (n, c): sum of dz = act'(z) * grad_y, and of dz * (x - mean).
+    std::vector<double> sums;
+    dispatch_activation(act, [&](auto a) {
+      sums = sum_per_sample_channel<2>(
+          g, ActivationBackward<scalar_t, scalar_t, acc_t, decltype(a)::value, /*kWriteGradX=*/false>{
+                 x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), nullptr, p, g.c});
+    });
+    const acc_t* pr = r.const_data_ptr<acc_t>();
+    const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+    if (want_weight || want_bias) {
+      // d(weight[c]) = sum_n rstd[n, g] * sum(dz * (x - mean)), d(bias[c]) = sum_n sum(dz).
+      at::Tensor gw = at::empty({g.c}, acc_opts), gb = at::empty({g.c}, acc_opts);
+      acc_t *pgw = gw.data_ptr<acc_t>(), *pgb = gb.data_ptr<acc_t>();
+      for (int64_t c = 0; c < g.c; ++c) {
+        double dw = 0, db = 0;
+        for (int64_t n = 0; n < g.n; ++n) {
+          db += sums[(n * g.c + c) * 2];
+          dw += pr[n * gg.groups + gg.group_of(c)] * sums[(n * g.c + c) * 2 + 1];
+        }
+        pgw[c] = static_cast<acc_t>(dw);
+        pgb[c] = static_cast<acc_t>(db);
+      }
+      if (want_weight) grad_weight = weight.has_value() ? gw.to(weight->scalar_type()) : gw;
+      if (want_bias) grad_bias = bias.has_value() ? gb.to(bias->scalar_type()) : gb;
+    }
+    if (!want_x) return;
+    // With dxhat = dz * weight and xhat = (x - mean) * rstd over the group's M values:
+    // grad_x = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    //        = dz * scale - rstd / M * S1 - (x - mean) * rstd^3 / M * S2,
+    // S1 = sum_c weight[c] sum(dz), S2 = sum_c weight[c] sum(dz * (x - mean)).
+    at::Tensor coef_a = at::empty({g.n, g.c}, acc_opts), coef_b = at::empty({g.n, g.c}, acc_opts);
+    acc_t *pa = coef_a.data_ptr<acc_t>(), *pb = coef_b.data_ptr<acc_t>();
+    const double inv_count = 1.0 / static_cast<double>(gg.count());
+    for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t grp = 0; grp < gg.groups; ++grp) {
+        double s1 = 0, s2 = 0;
+        for (int64_t c = grp * gg.per_group; c < (grp + 1) * gg.per_group; ++c) {
+          s1 += w[c] * sums[(n * g.c + c) * 2];
+          s2 += w[c] * sums[(n * g.c + c) * 2 + 1];
+        }
+        const double rs = pr[n * gg.groups + grp];
+        const acc_t a = static_cast<acc_t>(-rs * s1 * inv_count);
+        const acc_t bcoef = static_cast<acc_t>(-rs * rs * rs * s2 * inv_count);
+        for (int64_t c = grp * gg.per_group; c < (grp + 1) * gg.per_group; ++c) {
+          pa[n * g.c + c] = a;
+          pb[n * g.c + c] = bcoef;
+        }
+      }
+    }
+    grad_x = at::empty_like(x);
+    dispatch_activation(act, [&](auto a) {
+      for_each_run(g, GroupInputGrad<scalar_t, acc_t, decltype(a)::value, /*kGradY=*/true>{
+                          x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                          grad_x.data_ptr<scalar_t>(), p, pa, pb, g.c});
+    });
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+  m.impl("group_stats", &group_stats);
+  m.impl("group_stats_backward", &group_stats_backward);
+  m.impl("group_norm", &group_norm);
+  m.impl("group_norm_backward", &group_norm_backward);
+}
+
+}  // namespace resfast::cpu

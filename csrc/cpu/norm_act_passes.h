@@ -1,0 +1,124 @@
+// The per-element passes of a per-(sample, channel) or per-channel
+// normalisation followed by an activation, shared by the fused conv unit
+// (norm_act_conv2d.cpp) and GroupNorm (group_norm.cpp). Loops are written for
+// channel_loops.h's runs: NCHW planes and channels_last rows.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+
+#include "../common/norm_act_math.h"
+
+namespace resfast::cpu {
+
+// mean/scale/shift of shape (C,) or (N, C), indexed by (n, c).
+template <typename acc_t>
+struct NormParams {
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  int64_t sample_stride;
+
+  NormParams(const at::Tensor& m, const at::Tensor& s, const at::Tensor& b)
+      : mean(m.const_data_ptr<acc_t>()),
+        scale(s.const_data_ptr<acc_t>()),
+        shift(b.const_data_ptr<acc_t>()),
+        sample_stride(m.dim() == 2 ? m.size(1) : 0) {}
+
+  int64_t index(int64_t n, int64_t c) const { return n * sample_stride + c; }
+};
+
+// a = act((x - mean) * scale + shift), rounded to out_t.
+template <typename in_t, typename out_t, typename acc_t, Activation A>
+struct NormalizeActivate {
+  const in_t* __restrict__ x;
+  out_t* __restrict__ a;
+  NormParams<acc_t> p;
+  int64_t channels;
+
+  void plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+    const int64_t k = p.index(n, c);
+    const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
+#pragma omp simd
+    for (int64_t i = offset; i < offset + length; ++i) {
+      a[i] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[i]), m, s, b)));
+    }
+  }
+
+  void row(int64_t n, int64_t offset) const {
+    const int64_t k0 = p.index(n, 0);
+    const acc_t* __restrict__ m = p.mean + k0;
+    const acc_t* __restrict__ s = p.scale + k0;
+    const acc_t* __restrict__ b = p.shift + k0;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      a[offset + c] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[offset + c]), m[c], s[c], b[c])));
+    }
+  }
+};
+
+// From grad_a, the gradient of the convolution's input: dz = grad_a * act'(z),
+// grad_x = dz * scale, and the sums of dz and dz * (x - mean). grad_x may be
+// grad_a itself (each element is read before it is written, at one index).
+// kWriteGradX = false only reduces the sums (GroupNorm's backward, whose
+// grad_x needs them first).
+template <typename in_t, typename out_t, typename acc_t, Activation A, bool kWriteGradX = true>
+struct ActivationBackward {
+  using sum_t = acc_t;
+  const in_t* __restrict__ x;
+  const out_t* __restrict__ grad_a;
+  in_t* __restrict__ grad_x;
+  NormParams<acc_t> p;
+  int64_t channels;
+
+  // Blocks of kBlock values: an elementwise loop, then a pure reduction loop,
+  // each of which vectorises (a select inside a reduction does not).
+  static constexpr int64_t kBlock = 256;
+
+  std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+    const int64_t k = p.index(n, c);
+    const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
+    acc_t dz[kBlock], centered[kBlock];
+    double sum_dz = 0, sum_dz_x = 0;
+    for (int64_t start = offset; start < offset + length; start += kBlock) {
+      const int64_t len = std::min(kBlock, offset + length - start);
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        centered[j] = static_cast<acc_t>(x[start + j]) - m;
+        dz[j] = activation_backward<A>(centered[j] * s + b, static_cast<acc_t>(grad_a[start + j]));
+        if constexpr (kWriteGradX) grad_x[start + j] = static_cast<in_t>(dz[j] * s);
+      }
+      acc_t block_dz = 0, block_dz_x = 0;
+#pragma omp simd reduction(+ : block_dz, block_dz_x)
+      for (int64_t j = 0; j < len; ++j) {
+        block_dz += dz[j];
+        block_dz_x += dz[j] * centered[j];
+      }
+      sum_dz += block_dz;
+      sum_dz_x += block_dz_x;
+    }
+    return {sum_dz, sum_dz_x};
+  }
+
+  void row(int64_t n, int64_t offset, acc_t* __restrict__ acc) const {
+    const int64_t k0 = p.index(n, 0);
+    const acc_t* __restrict__ m = p.mean + k0;
+    const acc_t* __restrict__ s = p.scale + k0;
+    const acc_t* __restrict__ b = p.shift + k0;
+    acc_t* __restrict__ sum_dz = acc;
+    acc_t* __restrict__ sum_dz_x = acc + channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t centered = static_cast<acc_t>(x[offset + c]) - m[c];
+      const acc_t dz = activation_backward<A>(centered * s[c] + b[c], static_cast<acc_t>(grad_a[offset + c]));
+      if constexpr (kWriteGradX) grad_x[offset + c] = static_cast<in_t>(dz * s[c]);
+      sum_dz[c] += dz;
+      sum_dz_x[c] += dz * centered;
+    }
+  }
+};
+
+}  // namespace resfast::cpu

@@ -1,0 +1,86 @@
+"""GroupNorm modules: a drop-in nn.GroupNorm, GroupNorm + activation in one
+pass, and the fused GroupNorm → activation → conv unit."""
+
+import torch
+from torch import nn
+
+from resfast import ops
+from resfast.nn.norm_act_conv import check_conv_module
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same constructor, parameters and state_dict) on resfast's
+    GroupNorm kernels: fast on channels_last, statistics in float32 with a
+    stable method, and only the input saved for backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """act(GroupNorm(x)) in one pass, act in {"identity", "relu", "silu"};
+    parameters and state_dict as nn.GroupNorm. The backward recomputes the
+    activation's input from x: one saved tensor where GroupNorm followed by
+    nn.SiLU saves two."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
+        ops.functional.check_activation(activation)
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class GNActConv2d(nn.Module):
+    """conv(act(group_norm(x))) with the normalised activation never stored.
+
+    Holds an nn.GroupNorm-compatible `norm` and an `nn.Conv2d` `conv` for their
+    parameters, so state dicts match `nn.Sequential(norm, act, conv)` keyed
+    `norm.*` / `conv.*`. The GroupNorm statistics become a per-(sample,
+    channel) scale/shift applied in the fused convolution's prologue; backward
+    recomputes the activation from x. `forward(x, residual=None)` adds
+    `residual` in the convolution's epilogue.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 num_groups=32, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        norm = GroupNorm(num_groups, in_channels, eps, affine, **factory)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
+        self._adopt(norm, conv, activation)
+
+    def _adopt(self, norm, conv, activation):
+        if not isinstance(norm, nn.GroupNorm):
+            raise TypeError(f"norm: expected an nn.GroupNorm, got {type(norm).__name__}")
+        check_conv_module(conv)
+        if norm.num_channels != conv.in_channels:
+            raise ValueError(f"norm: expected num_channels = conv.in_channels = {conv.in_channels}, "
+                             f"got {norm.num_channels}")
+        ops.functional.check_activation(activation)
+        self.norm = norm
+        self.conv = conv
+        self.activation = activation
+        self._padding = ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+
+    @classmethod
+    def from_modules(cls, norm: nn.GroupNorm, conv: nn.Conv2d, activation="silu"):
+        """A unit that takes over `norm` and `conv` (their parameters are
+        shared, not copied)."""
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit._adopt(norm, conv, activation)
+        return unit
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        norm, conv = self.norm, self.conv
+        affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride, self._padding,
+                                     conv.dilation, conv.groups, self.activation)
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}"
