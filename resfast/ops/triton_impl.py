@@ -83,9 +83,6 @@ def _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, grou
     check_activation(activation)
     check_conv_args(x, weight, tuple(stride), tuple(padding), tuple(dilation), groups)
     for name, p in (("mean", mean), ("scale", scale), ("shift", shift)):
-        if p.dim() == 2:
-            raise NotImplementedError(f"{name}: per-sample (N, C) parameters are not supported by the Triton "
-                                      "kernels yet")
         check_channel_vector(x, name, p)
         if p.dtype != torch.float32:
             raise TypeError(f"{name}: expected dtype torch.float32, got {p.dtype}")
@@ -106,8 +103,30 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
     return _kernels()[1].channel_stats_backward(x.contiguous(memory_format=fmt), mean, grad_mean, grad_var)
 
 
+def _per_sample_params(x, mean, scale, shift, batch_invstd):
+    """True for (N, C) parameters (GroupNorm). The convolution kernels index
+    parameters by channel only, so such units run one sample at a time: correct,
+    but N launches; a sample stride in the kernels' prologue and per-sample
+    dgrad sums would fuse them (not done yet)."""
+    if mean.dim() != 2:
+        return False
+    for name, p in (("mean", mean), ("scale", scale), ("shift", shift)):
+        if tuple(p.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{name}: expected shape {tuple(x.shape[:2])} like mean, got {tuple(p.shape)}")
+    if batch_invstd is not None:
+        raise ValueError("batch_invstd: needs per-channel (C,) mean/scale/shift")
+    if x.shape[0] == 0:
+        raise ValueError(f"x: per-sample parameters need at least one sample, got shape {tuple(x.shape)}")
+    return True
+
+
 def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
                     batch_invstd=None):
+    if _per_sample_params(x, mean, scale, shift, batch_invstd):
+        ys = [norm_act_conv2d(x[i:i + 1], mean[i], scale[i], shift[i], weight, bias,
+                              None if residual is None else residual[i:i + 1], stride, padding, dilation, groups,
+                              activation) for i in range(x.shape[0])]
+        return torch.cat(ys).contiguous(memory_format=kernel_format(x))
     x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
     y = _kernels()[0].norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, *conv_args)
     return y.contiguous(memory_format=kernel_format(x))
@@ -130,6 +149,18 @@ def norm_act_conv2d_into(x, mean, scale, shift, weight, bias, residual, stride, 
 
 def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
                              batch_invstd, output_mask):
+    if _per_sample_params(x, mean, scale, shift, batch_invstd):
+        outs = [norm_act_conv2d_backward(grad_out[i:i + 1], x[i:i + 1], mean[i], scale[i], shift[i], weight, stride,
+                                         padding, dilation, groups, activation, None, output_mask)
+                for i in range(x.shape[0])]
+        grad_x = grad_scale = grad_shift = grad_weight = None
+        if output_mask[0]:
+            grad_x = torch.cat([o[0] for o in outs]).contiguous(memory_format=kernel_format(x))
+            grad_scale, grad_shift = torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+        if output_mask[1]:
+            grad_weight = torch.stack([o[3].float() for o in outs]).sum(0).to(weight.dtype)
+            grad_weight = grad_weight.contiguous(memory_format=kernel_format(weight))
+        return grad_x, grad_scale, grad_shift, grad_weight
     x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
     conv, stats = _kernels()
     grad_x = grad_scale = grad_shift = grad_weight = None
