@@ -20,6 +20,18 @@ TORCH_LIBRARY(resfast, m) {
       "norm_act_conv2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
       "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, str activation, Tensor? batch_invstd=None) -> Tensor");
+  // norm_act_conv2d whose epilogue stores the result into the channel slice
+  // out[:, out_offset:out_offset + C_out] of a preallocated NCHW- or
+  // channels_last-contiguous buffer (dense blocks); no other element of out
+  // is written. With compute_stats, returns the per-channel mean and biased
+  // variance of the stored values (float32, float64 for float64; deterministic),
+  // the next BatchNorm's batch statistics; otherwise two empty tensors. No
+  // autograd: callers compose its gradient from norm_act_conv2d_backward.
+  m.def(
+      "norm_act_conv2d_into(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
+      "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, str activation, Tensor(a!) out, int out_offset, bool compute_stats=False) "
+      "-> (Tensor mean, Tensor var)");
   // Both gradients of norm_act_conv2d in one op, so the CPU makes a single
   // convolution-backward call. With dz = act'(z) * conv2d_input_grad(grad_out):
   // grad_scale = sum(dz * (x - mean)) and grad_shift = sum(dz), shaped like

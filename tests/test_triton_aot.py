@@ -52,6 +52,15 @@ def _forward(x_dtype, w_dtype, shape=RESNET):
                                  shape["groups"], "silu")
 
 
+def _forward_into_slice(dtype, shape=RESNET):
+    """The dense-block store: into a channel slice of a wider buffer, with statistics."""
+    x, vec, w, _ = _conv_inputs(dtype, dtype, **shape)
+    out = torch.empty((shape["n"], shape["oc"] + 48, shape["hw"], shape["hw"]), dtype=dtype, device="meta",
+                      memory_format=torch.channels_last)
+    conv.norm_act_conv2d_forward_into(x, vec, vec, vec, w, None, None, (1, 1), (1, 1), (1, 1), shape["groups"],
+                                      "relu", out[:, 16:16 + shape["oc"]], True)
+
+
 def _backward_input(dtype, stride, shape=RESNET):
     x, vec, w, go = _conv_inputs(dtype, dtype, stride=stride, **shape)
     conv.norm_act_conv2d_backward_input(go, x, vec, vec, vec, w, (stride, stride), (1, 1), (1, 1),
@@ -82,6 +91,7 @@ VARIANTS = {
     "forward-bf16": (conv.FWD_CONFIGS, lambda: _forward(bf16, bf16), True),
     "forward-fp32": (conv.FWD_CONFIGS, lambda: _forward(torch.float32, torch.float32), True),
     "forward-fp32x-bf16w": (conv.FWD_CONFIGS, lambda: _forward(torch.float32, bf16), True),
+    "forward_into_slice-stats-bf16": (conv.FWD_CONFIGS, lambda: _forward_into_slice(bf16), True),
     "backward_input-bf16-s2": (conv.DGRAD_CONFIGS, lambda: _backward_input(bf16, 2), True),
     "backward_weight-bf16": (conv.WGRAD_CONFIGS, lambda: _backward_weight(bf16), True),
     "stats-bf16": (stats.STATS_CONFIGS, lambda: _stats(bf16), False),

@@ -15,6 +15,7 @@
 #include "../common/checks.h"
 #include "../common/norm_act_math.h"
 #include "channel_loops.h"
+#include "conv_epilogue.h"
 #include "dispatch.h"
 #include "stats_grad.h"
 
@@ -173,6 +174,29 @@ void check_batch_invstd(const UnitArgs& u, const std::optional<at::Tensor>& batc
                    u.mean.scalar_type(), ", got ", batch_invstd->scalar_type());
 }
 
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& weight) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias: expected shape (", weight.size(0),
+                    ",), got ", bias->sizes());
+  TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "bias: expected dtype ", weight.scalar_type(),
+                   ", got ", bias->scalar_type());
+}
+
+void check_residual(const at::Tensor& residual, const at::Tensor& y) {
+  TORCH_CHECK_VALUE(residual.sizes() == y.sizes(), "residual: expected shape ", y.sizes(), ", got ",
+                    residual.sizes());
+  TORCH_CHECK_TYPE(residual.scalar_type() == y.scalar_type(), "residual: expected dtype ", y.scalar_type(),
+                   ", got ", residual.scalar_type());
+}
+
+// conv2d(act(normalised x), weight, bias), in ATen's choice of layout.
+at::Tensor convolve(const UnitArgs& u, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor a = normalize_activate(u, weight.scalar_type());
+  return at::convolution(a, weight, bias, stride, padding, dilation, /*transposed=*/false,
+                         /*output_padding=*/{0, 0}, groups);
+}
+
 at::Tensor norm_act_conv2d(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                            const at::Tensor& shift, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias,
@@ -182,24 +206,65 @@ at::Tensor norm_act_conv2d(const at::Tensor& x, const at::Tensor& mean, const at
   const UnitArgs u =
       check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
   check_batch_invstd(u, batch_invstd);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias: expected shape (",
-                      weight.size(0), ",), got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "bias: expected dtype ",
-                     weight.scalar_type(), ", got ", bias->scalar_type());
-  }
-  const at::Tensor a = normalize_activate(u, weight.scalar_type());
-  at::Tensor y = at::convolution(a, weight, bias, stride, padding, dilation, /*transposed=*/false,
-                                 /*output_padding=*/{0, 0}, groups)
-                     .contiguous(u.format);
+  check_bias(bias, weight);
+  at::Tensor y = convolve(u, weight, bias, stride, padding, dilation, groups).contiguous(u.format);
   if (residual.has_value()) {
-    TORCH_CHECK_VALUE(residual->sizes() == y.sizes(), "residual: expected shape ", y.sizes(),
-                      ", got ", residual->sizes());
-    TORCH_CHECK_TYPE(residual->scalar_type() == y.scalar_type(), "residual: expected dtype ",
-                     y.scalar_type(), ", got ", residual->scalar_type());
+    check_residual(*residual, y);
     y.add_(*residual);
   }
   return y;
+}
+
+// norm_act_conv2d storing into out[:, out_offset:out_offset + OC] (see ops.cpp).
+std::tuple<at::Tensor, at::Tensor> norm_act_conv2d_into(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, at::Tensor& out, int64_t out_offset, bool compute_stats) {
+  const UnitArgs u =
+      check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
+  check_bias(bias, weight);
+  const at::Tensor conv = convolve(u, weight, bias, stride, padding, dilation, groups);
+  const int64_t oc = conv.size(1);
+  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == conv.size(0) && out.size(2) == conv.size(2) &&
+                        out.size(3) == conv.size(3),
+                    "out: expected shape (", conv.size(0), ", C_out, ", conv.size(2), ", ", conv.size(3),
+                    "), got ", out.sizes());
+  TORCH_CHECK_VALUE(out_offset >= 0 && out_offset + oc <= out.size(1), "out_offset: expected 0 <= out_offset <= ",
+                    out.size(1) - oc, " for ", oc, " output channels in a buffer of ", out.size(1), ", got ",
+                    out_offset);
+  TORCH_CHECK_TYPE(out.scalar_type() == conv.scalar_type(), "out: expected dtype ", conv.scalar_type(), ", got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == x.device(), "out: expected a tensor on ", x.device(), ", got one on ",
+                    out.device());
+  const at::MemoryFormat format = kernel_format(out);
+  TORCH_CHECK_VALUE(out.is_contiguous(format), "out: expected an NCHW- or channels_last-contiguous buffer, got strides ",
+                    out.strides());
+  const at::Tensor y = conv.contiguous(format);
+  at::Tensor res;
+  if (residual.has_value()) {
+    check_residual(*residual, y);
+    res = residual->contiguous(format);
+  }
+  const SliceGeometry g{y.size(0), oc, y.size(2) * y.size(3), out.size(1), out_offset,
+                        format == at::MemoryFormat::ChannelsLast};
+  const auto acc_opts = y.options().dtype(accumulation_type(y.scalar_type()));
+  at::Tensor out_mean = at::empty({compute_stats ? oc : 0}, acc_opts);
+  at::Tensor out_var = at::empty({compute_stats ? oc : 0}, acc_opts);
+  TORCH_CHECK_VALUE(!compute_stats || g.n * g.hw > 0, "compute_stats: needs at least one output value per channel");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_conv2d_into", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto moments = store_slice<scalar_t, acc_t>(g, y.const_data_ptr<scalar_t>(),
+                                                      res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+                                                      out.data_ptr<scalar_t>(), compute_stats);
+    acc_t* pm = compute_stats ? out_mean.data_ptr<acc_t>() : nullptr;
+    acc_t* pv = compute_stats ? out_var.data_ptr<acc_t>() : nullptr;
+    for (size_t c = 0; c < moments.size(); ++c) {
+      pm[c] = static_cast<acc_t>(moments[c].mean);
+      pv[c] = static_cast<acc_t>(moments[c].m2 / moments[c].n);
+    }
+  });
+  return {out_mean, out_var};
 }
 
 void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Tensor& weight) {
@@ -306,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("norm_act_conv2d", &norm_act_conv2d);
   m.impl("norm_act_conv2d_backward", &norm_act_conv2d_backward);
+  m.impl("norm_act_conv2d_into", &norm_act_conv2d_into);
 }
 
 }  // namespace resfast::cpu

@@ -100,14 +100,14 @@ def _load_prologue_tile(x_ptrs, mask, c, c_mask, mean_ptr, scale_ptr, shift_ptr,
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, mean_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    x_ptr, mean_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, stats_ptr,
     N, C_G, H, W, OC_G, OH, OW, KW, K_ITERS,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr,
     PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -162,8 +162,22 @@ def _fwd_kernel(
     if HAS_RES:
         r_ptrs = res_ptr + (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (occ * src)[None, :]
         acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    # y may be a channel slice of a larger buffer: its strides place the tile.
     y_ptrs = y_ptr + (n64 * syn + oh64 * syh + ow64 * syw)[:, None] + (occ * syc)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=out_mask)
+    if HAS_STATS:
+        # This tile's moments of the stored values, per output channel: mean
+        # and sum of squared deviations about it (two-pass over registers),
+        # into the (2, num_pid_m, OC) partial buffer the host merges.
+        v = tl.where(out_mask, out.to(tl.float32), 0.0)
+        count = tl.sum(row_mask.to(tl.float32), axis=0)
+        mu = tl.sum(v, axis=0) / count
+        d = tl.where(out_mask, v - mu[None, :], 0.0)
+        s_ptrs = stats_ptr + pid_m.to(tl.int64) * OC_G * tl.num_programs(2) + occ
+        tl.store(s_ptrs, mu, mask=oc_mask)
+        tl.store(s_ptrs + tl.num_programs(0).to(tl.int64) * OC_G * tl.num_programs(2), tl.sum(d * d, axis=0),
+                 mask=oc_mask)
 
 
 @triton.jit
@@ -405,6 +419,39 @@ def _conv_args(geo):
 def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, stride, padding,
                             dilation, groups, activation):
     """y = conv2d(act((x - mean) * scale + shift), weight, bias, ...) (+ residual)."""
+    y, _ = _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                    activation, None, False)
+    return y
+
+
+def norm_act_conv2d_forward_into(x, mean, scale, shift, weight, bias, residual, stride, padding,
+                                 dilation, groups, activation, out, compute_stats):
+    """The forward storing into `out` (any strides: a channel slice of a larger
+    buffer). Returns the per-channel float32 (mean, biased variance) of the
+    stored values when compute_stats, else two empty tensors."""
+    _, stats = _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                        activation, out, compute_stats)
+    if stats is None:
+        empty = torch.empty(0, dtype=torch.float32, device=x.device)
+        return empty, empty.clone()
+    return stats
+
+
+def _merge_tile_moments(partials, rows, block_m):
+    """Per-channel (mean, biased variance) from per-row-tile (mean, M2): the
+    parallel combination of Chan et al. over all tiles at once, in float64
+    and a fixed order."""
+    tiles = partials.shape[1]
+    counts = torch.full((tiles,), float(block_m), dtype=torch.float64, device=partials.device)
+    counts[-1] = rows - block_m * (tiles - 1)
+    means, m2 = partials[0].double(), partials[1].double()
+    mean = (counts[:, None] * means).sum(dim=0) / rows
+    m2_total = m2.sum(dim=0) + (counts[:, None] * (means - mean) ** 2).sum(dim=0)
+    return mean.float(), (m2_total / rows).float()
+
+
+def _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+             out, compute_stats):
     mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
     check_activation_tensor("weight", weight)
     if x.dtype != weight.dtype and x.dtype != torch.float32:
@@ -420,11 +467,18 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
     check_device(_fwd_kernel, x, mean, scale, shift, weight, bias, residual)
     weight = _gemm_weight(weight)
 
-    y = empty_like_format(x, y_shape, weight.dtype)
+    if out is None:
+        y = empty_like_format(x, y_shape, weight.dtype)
+    elif tuple(out.shape) != y_shape or out.dtype != weight.dtype:
+        raise ValueError(f"out must be {weight.dtype} of shape {y_shape}, got {out.dtype} {tuple(out.shape)}")
+    else:
+        y = out
     rows = geo["N"] * geo["OH"] * geo["OW"]
     _check_rows(rows)
+    if compute_stats and rows == 0:
+        raise ValueError("compute_stats: needs at least one output value per channel")
     if y.numel() == 0:
-        return y
+        return y, None
     cfg = _pick_config(FWD_CONFIGS, rows, geo["OC_G"], geo["KH"] * geo["KW"] * geo["C_G"])
     k_iters = geo["KH"] * geo["KW"] * triton.cdiv(geo["C_G"], cfg["BLOCK_K"])
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(geo["OC_G"], cfg["BLOCK_N"]), groups)
@@ -433,17 +487,20 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
     bias_arg = weight if bias is None else bias.contiguous()
     res_arg = weight if residual is None else residual
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # Every (tile, channel) entry is written once.
+    stats = (torch.empty((2, grid[0], geo["OC"]), dtype=torch.float32, device=x.device) if compute_stats
+             else weight)
     _fwd_kernel[grid](
-        x, mean, scale, shift, weight, bias_arg, res_arg, y,
+        x, mean, scale, shift, weight, bias_arg, res_arg, y, stats,
         geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], geo["KW"],
         k_iters,
         *x.stride(), *weight.stride(), *res_strides, *y.stride(),
         *_conv_args(geo),
-        ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_STATS=compute_stats,
         **dot_options(_fwd_kernel, weight.dtype),
         **_launch_options(cfg),
     )
-    return y
+    return y, _merge_tile_moments(stats, rows, cfg["BLOCK_M"]) if compute_stats else None
 
 
 @functools.lru_cache(maxsize=256)

@@ -17,8 +17,9 @@ from resfast.ops.functional import (  # noqa: E402
     drop_path,
     group_norm_affine,
     norm_act_conv2d,
+    norm_act_conv2d_into,
 )
 
 __all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "backend", "batch_norm_act_conv2d", "batch_norm_affine",
            "channel_stats", "conv_padding", "drop_path", "group_norm_affine",
-           "norm_act_conv2d"]
+           "norm_act_conv2d", "norm_act_conv2d_into"]

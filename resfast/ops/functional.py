@@ -79,6 +79,36 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, str
     return y
 
 
+def norm_act_conv2d_into(x, mean, scale, shift, weight, out, out_offset, bias=None, residual=None, stride=1, padding=0,
+                         dilation=1, groups=1, activation="relu", compute_stats=False):
+    """norm_act_conv2d whose epilogue stores its result straight into the
+    channel slice out[:, out_offset:out_offset + weight.shape[0]] of a
+    preallocated NCHW- or channels_last-contiguous buffer (no temporary output,
+    no copy); the buffer's other channels are left untouched.
+
+    Returns the per-channel (mean, biased variance) of the stored values when
+    compute_stats (the next BatchNorm's batch statistics, float32, float64 for
+    float64), else two empty tensors. Not differentiable: gradients are
+    composed from the fused op's backward by the caller (see resfast.nn's
+    dense block)."""
+    check_activation_input(x)
+    check_activation_input(out, "out")
+    check_activation(activation)
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = conv_padding(padding, weight.shape[2:], dilation)
+    check_conv_args(x, weight, stride, padding, dilation, groups)
+    check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual, out=out)
+    if not isinstance(out_offset, int):
+        raise TypeError(f"out_offset: expected an int, got {type(out_offset).__name__}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, mean, scale, shift, weight, bias, residual)):
+        raise RuntimeError("norm_act_conv2d_into: not differentiable; call it under torch.no_grad() or inside an "
+                           "autograd.Function that composes its gradient")
+    x, weight, bias = _autocast_compute(x, weight, bias)
+    return ops.norm_act_conv2d_into(x, mean, scale, shift, weight, bias, residual, list(stride), list(padding),
+                                    list(dilation), groups, activation, out, out_offset, compute_stats)
+
+
 def _check_finite(name, value, low=None):
     if not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
         raise ValueError(f"{name}: expected a finite number{'' if low is None else f' >= {low}'}, got {value!r}")

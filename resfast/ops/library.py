@@ -29,6 +29,14 @@ def _norm_act_conv2d_fake(x, mean, scale, shift, weight, bias, residual, stride,
     return y.contiguous(memory_format=kernel_format(x))
 
 
+@torch.library.register_fake("resfast::norm_act_conv2d_into")
+def _norm_act_conv2d_into_fake(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                               activation, out, out_offset, compute_stats=False):
+    channels = weight.shape[0] if compute_stats else 0
+    acc = accumulation_dtype(weight.dtype)
+    return out.new_empty((channels,), dtype=acc), out.new_empty((channels,), dtype=acc)
+
+
 @torch.library.register_fake("resfast::norm_act_conv2d_backward")
 def _norm_act_conv2d_backward_fake(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups,
                                    activation, batch_invstd, output_mask):

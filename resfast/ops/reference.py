@@ -51,6 +51,17 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, paddi
     return y.contiguous(memory_format=kernel_format(x))
 
 
+def norm_act_conv2d_into(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+                         out, out_offset, compute_stats=False):
+    y = norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation)
+    out[:, out_offset:out_offset + y.shape[1]].copy_(y)
+    acc = accumulation_dtype(y.dtype)
+    if not compute_stats:
+        return y.new_empty((0,), dtype=acc), y.new_empty((0,), dtype=acc)
+    var, m = torch.var_mean(y.to(torch.float64), dim=(0, 2, 3), unbiased=False)
+    return m.to(acc), var.to(acc)
+
+
 def _backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
                     batch_invstd):
     z = _normalize(x, mean, scale, shift)
@@ -92,4 +103,5 @@ IMPLS = {
     "channel_stats_backward": channel_stats_backward,
     "norm_act_conv2d": norm_act_conv2d,
     "norm_act_conv2d_backward": norm_act_conv2d_backward,
+    "norm_act_conv2d_into": norm_act_conv2d_into,
 }

@@ -10,7 +10,7 @@ from resfast.ops.layout import kernel_format
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Ops whose registered CUDA kernel is the Triton one; the others run CUDA C++.
-CUDA_OPS = ("norm_act_conv2d", "norm_act_conv2d_backward")
+CUDA_OPS = ("norm_act_conv2d", "norm_act_conv2d_backward", "norm_act_conv2d_into")
 
 
 def _kernels():
@@ -55,6 +55,21 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, paddi
     return y.contiguous(memory_format=kernel_format(x))
 
 
+def norm_act_conv2d_into(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+                         out, out_offset, compute_stats=False):
+    x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
+    check_activation_input(out, "out", dtypes=TRITON_DTYPES)
+    if not out.is_contiguous(memory_format=kernel_format(out)):
+        raise ValueError(f"out: expected an NCHW- or channels_last-contiguous buffer, got strides {out.stride()}")
+    oc = weight.shape[0]
+    if not 0 <= out_offset <= out.shape[1] - oc:
+        raise ValueError(f"out_offset: expected 0 <= out_offset <= {out.shape[1] - oc} for {oc} output channels in "
+                         f"a buffer of {out.shape[1]}, got {out_offset}")
+    return _kernels()[0].norm_act_conv2d_forward_into(x, mean, scale, shift, weight, bias, residual, *conv_args,
+                                                      out=out[:, out_offset:out_offset + oc],
+                                                      compute_stats=compute_stats)
+
+
 def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
                              batch_invstd, output_mask):
     x, conv_args = _prepare_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
@@ -82,4 +97,5 @@ IMPLS = {
     "channel_stats_backward": channel_stats_backward,
     "norm_act_conv2d": norm_act_conv2d,
     "norm_act_conv2d_backward": norm_act_conv2d_backward,
+    "norm_act_conv2d_into": norm_act_conv2d_into,
 }
