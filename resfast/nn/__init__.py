@@ -1,7 +1,8 @@
 """Drop-in modules built on the resfast ops."""
 
+from resfast.nn.dense import DenseBlock, DenseLayer, Transition
 from resfast.nn.norm_act_conv import BNReLUConv2d
 from resfast.nn.preact_blocks import PreActBasicBlock, PreActBottleneck, Projection
 from resfast.nn.preact_res_block import PreActResBlock
 
-__all__ = ["BNReLUConv2d", "PreActBasicBlock", "PreActBottleneck", "PreActResBlock", "Projection"]
+__all__ = ["BNReLUConv2d", "DenseBlock", "DenseLayer", "PreActBasicBlock", "PreActBottleneck", "PreActResBlock", "Projection", "Transition"]
