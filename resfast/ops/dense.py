@@ -116,7 +116,6 @@ class _DenseBlockFunction(torch.autograd.Function):
 
         ctx.num_layers, ctx.use_batch_stats, ctx.eps1, ctx.eps2, ctx.c0 = num_layers, use_batch_stats, eps1, eps2, c0
         ctx.drop = drop
-        ctx.drop_rate = drop_rate
         if use_batch_stats:
             stats = (mean_all, var_all, bott_mean, bott_var)
         else:
