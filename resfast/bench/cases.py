@@ -177,6 +177,49 @@ QUICK_GROUP_NORM = [GroupNormActCase(f"GroupNorm+SiLU 64@32 {'cl' if cl else 'nc
 QUICK_GN_UNITS = [GNActConvCase(f"GroupNorm->SiLU->conv3x3 64@16 {'cl' if cl else 'nchw'}", 64, 64, 32, 16, cl)
                   for cl in (False, True)]
 
+
+@dataclass(frozen=True)
+class DenseBlockCase(_Case):
+    """One DenseNet dense block against torchvision's (torch.cat of all features)."""
+
+    name: str
+    num_layers: int
+    in_channels: int
+    size: int
+    growth_rate: int = 32
+
+    def build(self, batch, device, dtype, channels_last):
+        from torchvision.models.densenet import _DenseBlock
+
+        eager = _DenseBlock(self.num_layers, self.in_channels, bn_size=4, growth_rate=self.growth_rate, drop_rate=0)
+        eager, ours = _same_weights(eager, resfast.nn.DenseBlock(self.num_layers, self.in_channels, 4,
+                                                                 self.growth_rate))
+        x = torch.randn(batch, self.in_channels, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last)
+
+
+@dataclass(frozen=True)
+class DenseNetCase(_Case):
+    """A whole DenseNet against torchvision's, eager or with memory_efficient=True
+    (checkpointed bottlenecks)."""
+
+    batch = {"cuda": 32, "cpu": 2, "quick": 1}
+
+    name: str
+    block_config: tuple
+    size: int
+    memory_efficient: bool = False
+
+    def build(self, batch, device, dtype, channels_last):
+        import torchvision
+
+        cfg = dict(growth_rate=32, block_config=self.block_config, num_init_features=64)
+        eager = torchvision.models.DenseNet(**cfg, memory_efficient=self.memory_efficient)
+        eager, ours = _same_weights(eager, resfast.models.DenseNet(**cfg))
+        x = torch.randn(batch, 3, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last)
+
+
 # Units at ResNet-200 shapes (224x224 input): the bottleneck's 1x1 reduce and
 # 3x3 in stages 1-3, and the 1x1 expand of stage 2.
 OPS = [
@@ -192,14 +235,22 @@ OPS = OPS + GROUP_NORM + GN_UNITS
 BLOCKS = [
     BottleneckCase("bottleneck 256->256 @56", 256, 256, 1, 56),
     BottleneckCase("bottleneck 512->1024 /2 @28", 512, 1024, 2, 28),
+    DenseBlockCase("dense block 6 layers 64+6x32 @56", 6, 64, 56),
 ]
-QUICK_BLOCKS = [BottleneckCase("bottleneck 256->256 @28", 256, 256, 1, 28)]
+QUICK_BLOCKS = [BottleneckCase("bottleneck 256->256 @28", 256, 256, 1, 28),
+                DenseBlockCase("dense block 6 layers 64+6x32 @28", 6, 64, 28)]
 
 CLASSIC_UNET = (64, 128, 256, 512, 1024)
 MODELS = [ResNetV2Case("ResNet-200 @224", (3, 24, 36, 3), 224),
-          UNetCase("U-Net GN @256", CLASSIC_UNET, "group", 256)]
+          UNetCase("U-Net GN @256", CLASSIC_UNET, "group", 256),
+          DenseNetCase("DenseNet-121 @224", (6, 12, 24, 16), 224),
+          DenseNetCase("DenseNet-121 @224 vs memory_efficient", (6, 12, 24, 16), 224, True),
+          DenseNetCase("DenseNet-264 @224", (6, 12, 64, 48), 224),
+          DenseNetCase("DenseNet-264 @224 vs memory_efficient", (6, 12, 64, 48), 224, True)]
 QUICK_MODELS = [ResNetV2Case("ResNet-200 @64", (3, 24, 36, 3), 64),
-                UNetCase("U-Net GN (32-512) @64", (32, 64, 128, 256, 512), "group", 64)]
+                UNetCase("U-Net GN (32-512) @64", (32, 64, 128, 256, 512), "group", 64),
+                DenseNetCase("DenseNet-121 @64", (6, 12, 24, 16), 64),
+                DenseNetCase("DenseNet-264 @64", (6, 12, 64, 48), 64)]
 
 SUITES = {"ops": OPS, "blocks": BLOCKS, "models": MODELS}
 QUICK_SUITES = {"ops": QUICK_OPS, "blocks": QUICK_BLOCKS, "models": QUICK_MODELS}

@@ -1,8 +1,10 @@
 """Drop-in modules built on the resfast ops."""
 
+from resfast.nn.dense import DenseBlock, DenseLayer, Transition
 from resfast.nn.group_norm import GNActConv2d, GroupNorm, GroupNormAct
 from resfast.nn.norm_act_conv import BNReLUConv2d
 from resfast.nn.preact_blocks import PreActBasicBlock, PreActBottleneck, Projection
 from resfast.nn.preact_res_block import PreActResBlock
 
-__all__ = ["BNReLUConv2d", "GNActConv2d", "GroupNorm", "GroupNormAct", "PreActBasicBlock", "PreActBottleneck", "PreActResBlock", "Projection"]
+__all__ = ["BNReLUConv2d", "DenseBlock", "DenseLayer", "GNActConv2d", "GroupNorm", "GroupNormAct", "PreActBasicBlock",
+           "PreActBottleneck", "PreActResBlock", "Projection", "Transition"]

@@ -6,6 +6,7 @@ from resfast._extension import load as _load_extension
 _load_extension()
 
 from resfast.ops import library  # noqa: E402,F401  (registers fake, autograd and Triton kernels)
+from resfast.ops import dense  # noqa: E402,F401
 from resfast.ops.backend import BACKENDS, backend  # noqa: E402
 from resfast.ops.functional import (  # noqa: E402
     NormAffine,

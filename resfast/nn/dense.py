@@ -1,0 +1,107 @@
+"""DenseNet's modules (torchvision's _DenseLayer, _DenseBlock, _Transition)
+with their parameter names, so state dicts load key for key; a dense block
+runs as one fused function over a single preallocated feature buffer."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resfast import ops
+from resfast.nn.norm_act_conv import batch_norm_args
+
+
+class DenseLayer(nn.Module):
+    """BN -> ReLU -> conv1x1 (bn_size * growth_rate channels) -> BN -> ReLU ->
+    conv3x3 (growth_rate channels) -> dropout. Run alone, it returns the new
+    features of its input; inside a DenseBlock it writes them into the
+    block's buffer instead."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int = 4, drop_rate: float = 0.0):
+        super().__init__()
+        width = bn_size * growth_rate
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.conv1 = nn.Conv2d(num_input_features, width, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.batch_norm_act_conv2d(x, *batch_norm_args(self.norm1, self.training), self.conv1.weight)
+        y = ops.batch_norm_act_conv2d(y, *batch_norm_args(self.norm2, self.training), self.conv2.weight, padding=1)
+        return F.dropout(y, self.drop_rate, self.training) if self.drop_rate > 0 else y
+
+    def params(self, use_batch_stats: bool) -> "ops.dense.DenseLayerParams":
+        running = () if use_batch_stats else (self.norm1.running_mean, self.norm1.running_var,
+                                              self.norm2.running_mean, self.norm2.running_var)
+        return ops.dense.DenseLayerParams(self.norm1.weight, self.norm1.bias, self.conv1.weight, self.norm2.weight,
+                                          self.norm2.bias, self.conv2.weight, *running)
+
+
+def _update_running(bn: nn.BatchNorm2d, factor: float, mean, var, count: int):
+    """nn.BatchNorm2d's running-statistics update from a batch's mean and
+    biased variance (stored unbiased)."""
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_((var * (count / (count - 1))).to(bn.running_var.dtype), alpha=factor)
+
+
+class DenseBlock(nn.Module):
+    """num_layers DenseLayers, each adding growth_rate channels; returns the
+    concatenation [x, new_1, ..., new_L], built in place in one buffer
+    (no torch.cat, no copies of the layers' outputs). Parameters and buffers
+    are named like torchvision's (`denselayer1.norm1.weight`, ...)."""
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int = 4, growth_rate: int = 32,
+                 drop_rate: float = 0.0):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive number of layers, got {num_layers}")
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}",
+                            DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.children())
+        norms = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
+        # torch's bookkeeping per BatchNorm (counts the batch, momentum=None).
+        args = [batch_norm_args(bn, self.training) for bn in norms]
+        use_batch = {a[4] for a in args}
+        if len(use_batch) != 1:
+            raise ValueError("DenseBlock: all BatchNorms of a block must use batch statistics alike (same "
+                             "training mode and track_running_stats)")
+        use_batch_stats = use_batch.pop()
+        buf, stats = ops.dense.dense_block(
+            x, [layer.params(use_batch_stats) for layer in layers], use_batch_stats,
+            [layer.norm1.eps for layer in layers], [layer.norm2.eps for layer in layers],
+            layers[0].drop_rate, self.training)
+        if stats is not None and self.training:
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            growth = layers[0].conv2.out_channels
+            for i, layer in enumerate(layers):
+                c_in = x.shape[1] + i * growth
+                _update_running(layer.norm1, args[2 * i][5], stats.mean[:c_in], stats.var[:c_in], count)
+                _update_running(layer.norm2, args[2 * i + 1][5], stats.bottleneck_mean[i],
+                                stats.bottleneck_var[i], count)
+        return buf
+
+
+class Transition(nn.Module):
+    """BN -> ReLU -> conv1x1 -> 2x2 average pool, as one fused unit: the 1x1
+    convolution and the pool are both linear, so together they are a 2x2,
+    stride-2 convolution with the 1x1 weight on every tap, scaled by 1/4
+    (folded into the normalisation's scale and shift, which ReLU commutes
+    with). Nothing but the input is saved; no full-resolution output exists."""
+
+    def __init__(self, num_input_features: int, num_output_features: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        affine = ops.batch_norm_affine(x, *batch_norm_args(self.norm, self.training))
+        quarter = ops.NormAffine(affine.mean, affine.scale * 0.25, affine.shift * 0.25, affine.batch_invstd)
+        # A view of the parameter: the 2x2 taps share its storage.
+        weight = self.conv.weight.expand(-1, -1, 2, 2)
+        return ops.affine_act_conv2d(x, quarter, weight, stride=2)
