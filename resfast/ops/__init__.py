@@ -18,7 +18,8 @@ from resfast.ops.functional import (  # noqa: E402
     group_norm_affine,
     norm_act_conv2d,
 )
+from resfast.ops.distributed import sync_batch_norm_affine, sync_world_size  # noqa: E402
 
 __all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "backend", "batch_norm_act_conv2d", "batch_norm_affine",
            "channel_stats", "conv_padding", "drop_path", "group_norm_affine",
-           "norm_act_conv2d"]
+           "norm_act_conv2d", "sync_batch_norm_affine", "sync_world_size"]
