@@ -4,4 +4,5 @@ from resfast.nn.norm_act_conv import BNReLUConv2d, SyncBatchNorm2d, convert_sync
 from resfast.nn.preact_blocks import PreActBasicBlock, PreActBottleneck, Projection
 from resfast.nn.preact_res_block import PreActResBlock
 
-__all__ = ["BNReLUConv2d", "convert_sync_batchnorm", "PreActBasicBlock", "PreActBottleneck", "PreActResBlock", "Projection", "SyncBatchNorm2d"]
+__all__ = ["BNReLUConv2d", "PreActBasicBlock", "PreActBottleneck", "PreActResBlock", "Projection", "SyncBatchNorm2d",
+           "convert_sync_batchnorm"]
