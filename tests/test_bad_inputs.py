@@ -109,3 +109,128 @@ def test_triton_backend_rejects_float64():
     with pytest.raises(TypeError, match="x: expected one of float32, float16, bfloat16"):
         with resfast.backend("triton"):
             F.channel_stats(x)
+
+
+# ---------------------------------------------------------------- battery through every public API
+def _bn_relu_conv_eager(x, rm, rv, w, b, training, momentum, eps, weight, stride=1, padding=0, dilation=1, groups=1):
+    a = torch.relu(torch.nn.functional.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+    return torch.nn.functional.conv2d(a, weight, None, stride, padding, dilation, groups)
+
+
+def test_more_functional_rejects():
+    x, v, w = torch.randn(2, 4, 5, 5), torch.randn(4), torch.randn(6, 4, 3, 3)
+    cases = [
+        (lambda: F.norm_act_conv2d(x, v, v, v, w.to("meta"), padding=1), ValueError,
+         "weight: expected a tensor on cpu like x, got one on meta"),
+        (lambda: F.norm_act_conv2d(x.to("meta"), v, v, v, w, padding=1), ValueError, "expected a tensor on meta"),
+        (lambda: F.norm_act_conv2d(x, v, v, v, w, residual=torch.randn(2, 6, 5, 5, device="meta"), padding=1),
+         ValueError, "residual: expected a tensor on cpu"),
+        (lambda: F.norm_act_conv2d(x, v, v, v, w, residual=torch.randn(2, 6, 4, 5), padding=1), ValueError,
+         "residual: expected shape"),
+        (lambda: F.norm_act_conv2d(x, v, v, v, w, bias=torch.randn(5), padding=1), ValueError,
+         "bias: expected shape"),
+        (lambda: F.norm_act_conv2d(x, torch.randn(3, 4), v, v, w, padding=1), ValueError, "mean: expected shape"),
+        (lambda: F.norm_act_conv2d(x, v, v.int(), v, w, padding=1), TypeError, "scale: expected dtype"),
+        (lambda: F.norm_act_conv2d(x, v, v, v, w.double(), padding=1), TypeError, "weight: expected dtype"),
+        (lambda: F.channel_stats(torch.ones(2, 4, 3, 3, dtype=torch.int32)), TypeError, "x: expected one of"),
+        (lambda: F.channel_stats([1.0]), TypeError, "x: expected a torch.Tensor"),
+        (lambda: F.group_norm_affine(x, 3, None, None, 1e-5), ValueError, "num_groups: expected a positive divisor"),
+        (lambda: F.group_norm_affine(x, 2, None, None, math.nan), ValueError, "eps: expected a finite number"),
+        (lambda: F.group_norm_affine(x, 2, torch.ones(3), None, 1e-5), ValueError, "weight: expected shape"),
+        (lambda: F.sync_batch_norm_affine(x, torch.zeros(4), torch.ones(4), None, None, math.nan, 1e-5),
+         ValueError, "momentum: expected a finite number"),
+        (lambda: F.sync_batch_norm_affine(x, torch.zeros(3), torch.ones(4), None, None, 0.1, 1e-5), ValueError,
+         "running_mean: expected shape"),
+        (lambda: F.batch_norm_affine(x, None, None, None, None, True, 0.1, "a"), ValueError,
+         "eps: expected a finite number"),
+        (lambda: F.drop_path(x, 1.5, True), ValueError, r"p: expected a drop probability in \[0, 1\)"),
+    ]
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+
+
+def test_modules_reject():
+    unit = resfast.nn.BNReLUConv2d(4, 6, 3, padding=1)
+    block = resfast.nn.PreActBottleneck(4, 8)
+    cases = [
+        (lambda: unit(torch.randn(1, 4, 1, 1)), ValueError, "Expected more than 1 value per channel"),
+        (lambda: unit(torch.randn(2, 4, 5, 5, device="meta")), ValueError, "expected a tensor on meta like x"),
+        (lambda: unit(torch.randn(2, 4, 5, 5, dtype=torch.complex64)), TypeError, "x: expected one of"),
+        (lambda: unit([1, 2]), TypeError, "x: expected a torch.Tensor"),
+        (lambda: resfast.nn.BNReLUConv2d(4, 6, 3, momentum=math.inf)(torch.randn(2, 4, 5, 5)), ValueError,
+         "momentum: expected a finite number"),
+        (lambda: resfast.nn.BNReLUConv2d(4, 6, 3, eps=math.nan)(torch.randn(2, 4, 5, 5)), ValueError,
+         "eps: expected a finite number"),
+        (lambda: resfast.nn.BNReLUConv2d(4, 6, 3, groups=3), ValueError, "in_channels must be divisible by groups"),
+        (lambda: block(torch.randn(2, 3, 5, 5)), ValueError, r"running_mean: expected shape \(3,\)"),
+        (lambda: block(torch.randn(3, 5, 5)), ValueError, "x: expected a 4-D"),
+        (lambda: resfast.nn.PreActResBlock(8, 8, num_groups=4)(torch.randn(2, 6, 5, 5)), ValueError,
+         r"input: expected parts of \(8,\) channels"),
+        (lambda: resfast.nn.PreActResBlock(6, 8, num_groups=4), ValueError, "num_groups: expected a divisor of 6"),
+        (lambda: resfast.models.UNet(3, 2, widths=(4, 8), norm="batch")(torch.randn(1, 3, 2, 2)), ValueError,
+         "Expected more than 1 value per channel"),
+    ]
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+
+
+def test_wrong_weight_shape_in_module_state():
+    unit = resfast.nn.BNReLUConv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        unit.conv.weight = torch.nn.Parameter(torch.randn(6, 4, 3))
+    with pytest.raises(ValueError, match="weight: expected a 4-D"):
+        unit(torch.randn(2, 4, 5, 5))
+    unit = resfast.nn.BNReLUConv2d(4, 6, 3, padding=1)
+    unit.bn.weight = torch.nn.Parameter(torch.ones(5))
+    with pytest.raises(ValueError, match="bn_weight: expected shape"):
+        unit(torch.randn(2, 4, 5, 5))
+
+
+def _layouts():
+    """Odd strides: overlapping (stride-0 and as_strided), sliced, channels_last slices."""
+    base = torch.randn(3, 6, 9, 10, dtype=torch.float64)
+    return {
+        "expanded": torch.randn(1, 4, 1, 7, dtype=torch.float64).expand(3, 4, 6, 7),
+        "overlapping": torch.randn(200, dtype=torch.float64).as_strided((2, 4, 6, 7), (3, 5, 7, 1)),
+        "channel-slice": base[:, 1:5, :6, :7],
+        "spatial-step": base[:, ::2, ::2, ::2][:, :4, :, :4].contiguous(memory_format=torch.channels_last)[..., 1:],
+        "cl-slice": base.contiguous(memory_format=torch.channels_last)[1:, :4, 2:8, 3:],
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_odd_strides_are_correct(layout, training):
+    """Overlapping or non-contiguous inputs give eager torch's answer and are never written to."""
+    x = _layouts()[layout]
+    before = x.clone()
+    c = x.shape[1]
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+    weight = torch.randn(5, c, 3, 3, dtype=torch.float64)
+    xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()
+    rma, rva, rmb, rvb = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y = F.batch_norm_act_conv2d(xa, rma, rva, w, b, training, 0.1, 1e-5, weight, padding=1)
+    y_ref = _bn_relu_conv_eager(xb, rmb, rvb, w, b, training, 0.1, 1e-5, weight, padding=1)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(rma, rmb)
+    torch.testing.assert_close(rva, rvb)
+    assert torch.equal(x, before)
+
+
+def test_more_than_int32_rows_refused_by_triton_wrappers():
+    """The Triton kernels index rows (N*H*W) in int32 and memory in int64: larger inputs are refused clearly
+    (meta tensors: nothing is allocated)."""
+    from resfast.kernels import conv, stats
+
+    big = torch.empty(2**12, 4, 2**10, 2**9 + 1, device="meta")
+    with pytest.raises(ValueError, match="exceeds the kernels' int32 row index"):
+        stats._rows(big)
+    with pytest.raises(ValueError, match="exceeds the kernels' int32 row index"):
+        conv._check_rows(big.shape[0] * big.shape[2] * big.shape[3])

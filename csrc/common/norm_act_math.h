@@ -57,7 +57,8 @@ RESFAST_HD acc_t sigmoid(acc_t z) {
 template <Activation A, typename acc_t>
 RESFAST_HD acc_t activate(acc_t z) {
   if constexpr (A == Activation::ReLU) {
-    return z > acc_t(0) ? z : acc_t(0);
+    // Written so that NaN passes through, as torch.relu lets it.
+    return z < acc_t(0) ? acc_t(0) : z;
   } else if constexpr (A == Activation::SiLU) {
     return z * sigmoid(z);
   } else {
@@ -65,11 +66,12 @@ RESFAST_HD acc_t activate(acc_t z) {
   }
 }
 
-// grad * act'(z). ReLU'(0) is 0, as torch's threshold_backward defines it.
+// grad * act'(z). ReLU'(0) is 0 and ReLU'(NaN) is 1, as torch's
+// threshold_backward (grad where not z <= 0) defines them.
 template <Activation A, typename acc_t>
 RESFAST_HD acc_t activation_backward(acc_t z, acc_t grad) {
   if constexpr (A == Activation::ReLU) {
-    return z > acc_t(0) ? grad : acc_t(0);
+    return z <= acc_t(0) ? acc_t(0) : grad;
   } else if constexpr (A == Activation::SiLU) {
     const acc_t s = sigmoid(z);
     return grad * s * (acc_t(1) + z * (acc_t(1) - s));

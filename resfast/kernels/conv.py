@@ -55,7 +55,7 @@ _WGRAD_MIN_ITERS_PER_SPLIT = 8
 @triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # NaN passes through, as in torch.relu
     elif ACT == 2:
         z = z * tl.sigmoid(z)
     return z
@@ -64,7 +64,7 @@ def _act(z, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(z, ACT: tl.constexpr):
     if ACT == 1:
-        d = tl.where(z > 0.0, 1.0, 0.0)
+        d = tl.where(z <= 0.0, 0.0, 1.0)  # torch's threshold_backward: 1 at NaN
     elif ACT == 2:
         s = tl.sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.norm_act_conv import batch_norm_affine, norm_conv
+from resfast.nn.norm_act_conv import BATCH_NORMS, batch_norm_affine, check_conv_module, norm_conv
 
 
 def make_divisible(v, divisor=8, round_limit=0.9):
@@ -30,8 +30,44 @@ class Projection(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, device=device, dtype=dtype)
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d):
+        """A projection that takes over `conv` (shared, not copied)."""
+        check_conv_module(conv)
+        projection = cls.__new__(cls)
+        nn.Module.__init__(projection)
+        projection.conv = conv
+        return projection
+
 
 class _PreActBlock(nn.Module):
+    _NUM_STAGES = 0  # BN→ReLU→conv stages: norm1/conv1 ... normN/convN
+
+    @classmethod
+    def from_modules(cls, downsample, drop_path_rate=0.0, **stages):
+        """A block that takes over existing modules (shared, not copied): the
+        BatchNorms and convolutions named as the block names them (norm1,
+        conv1, ...) and the shortcut's Projection or None. The convolutions
+        keep their own strides, dilations and groups."""
+        names = {f"{kind}{i}" for i in range(1, cls._NUM_STAGES + 1) for kind in ("norm", "conv")}
+        if set(stages) != names:
+            raise ValueError(f"{cls.__name__}.from_modules: expected modules {sorted(names)}, got {sorted(stages)}")
+        if downsample is not None and not isinstance(downsample, Projection):
+            raise TypeError(f"downsample: expected a Projection or None, got {type(downsample).__name__}")
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.downsample = downsample
+        for i in range(1, cls._NUM_STAGES + 1):
+            norm, conv = stages[f"norm{i}"], stages[f"conv{i}"]
+            if not isinstance(norm, BATCH_NORMS) or norm.num_features != conv.in_channels:
+                raise ValueError(f"norm{i}: expected a BatchNorm of conv{i}.in_channels = {conv.in_channels} "
+                                 f"features, got {norm}")
+            check_conv_module(conv)
+            setattr(block, f"norm{i}", norm)
+            setattr(block, f"conv{i}", conv)
+        block.drop_path_rate = drop_path_rate
+        return block
+
     def _make_projection(self, in_chs, out_chs, stride, factory):
         needs = in_chs != out_chs or stride != 1
         return Projection(in_chs, out_chs, stride, **factory) if needs else None
@@ -80,6 +116,7 @@ class PreActBasicBlock(_PreActBlock):
     """BN→ReLU→conv3x3 (stride) → BN→ReLU→conv3x3, plus the shortcut."""
 
     expansion = 1
+    _NUM_STAGES = 2
 
     def __init__(self, in_chs, out_chs, stride=1, groups=1, dilation=1, drop_path_rate=0.0, device=None,
                  dtype=None):
@@ -109,6 +146,7 @@ class PreActBottleneck(_PreActBlock):
     """
 
     expansion = 4
+    _NUM_STAGES = 3
 
     def __init__(self, in_chs, out_chs, stride=1, bottle_ratio=0.25, groups=1, width_per_group=None, dilation=1,
                  drop_path_rate=0.0, device=None, dtype=None):

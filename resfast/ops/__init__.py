@@ -22,7 +22,9 @@ from resfast.ops.functional import (  # noqa: E402
     norm_act_conv2d_into,
     norm_act_conv2d_stats,
 )
+from resfast.ops.distributed import sync_batch_norm_affine, sync_world_size  # noqa: E402
 
 __all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "backend", "batch_norm_act_conv2d", "batch_norm_affine",
            "channel_stats", "conv_padding", "drop_path", "group_norm", "group_norm_affine",
-           "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats"]
+           "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats", "sync_batch_norm_affine",
+           "sync_world_size"]

@@ -295,6 +295,8 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
 def drop_path(x, p: float, training: bool):
     """Stochastic depth (Huang et al. 2016): zero whole samples with
     probability p in training and scale the kept ones by 1 / (1 - p)."""
+    if not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"p: expected a drop probability in [0, 1), got {p!r}")
     if not training or p == 0.0:
         return x
     keep = 1.0 - p

@@ -18,7 +18,7 @@ def _activate(z, activation):
 
 def _activation_grad(z, activation):
     if activation == "relu":
-        return (z > 0).to(z.dtype)
+        return (~(z <= 0)).to(z.dtype)  # torch's threshold_backward: 1 at NaN
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
