@@ -13,9 +13,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
-from resfast.nn import BNReLUConv2d, PreActBasicBlock, PreActBottleneck, Projection
+from resfast.nn import BNReLUConv2d, DenseBlock, GroupNorm, PreActBasicBlock, PreActBottleneck, Projection, Transition
 
 
 class Unsupported(Exception):
@@ -163,7 +164,72 @@ def _timm_preact_block(block: nn.Module) -> Optional[Replacement]:
     return Replacement(new, [("", type(block).__name__, cls.__name__)])
 
 
-RULES: list = [_timm_preact_block, _bn_relu_conv_chains]
+def _adopt(new, old, names):
+    """new with old's submodules `names` in place of its own (shared, not copied)."""
+    for name in names:
+        setattr(new, name, getattr(old, name))
+    return new.train(old.training)
+
+
+def _check_plain(module, names, where):
+    for name in names:
+        m = getattr(module, name)
+        expected = nn.BatchNorm2d if name.startswith("norm") else nn.Conv2d
+        if type(m) is not expected or (expected is nn.Conv2d and not _is_plain_conv(m)):
+            raise Unsupported(f"{where}{name} is a {_type_name(m)}, not a plain {expected.__name__}")
+
+
+def _torchvision_densenet(module: nn.Module) -> Optional[Replacement]:
+    """torchvision's DenseNet _DenseBlock and _Transition → resfast's
+    DenseBlock (one feature buffer, no torch.cat) and Transition (conv and
+    pool as one fused 2x2 convolution), holding the same modules."""
+    try:
+        from torchvision.models import densenet as tv
+    except ImportError:
+        return None
+    layer_modules = ("norm1", "conv1", "norm2", "conv2")
+    if type(module) is tv._DenseBlock:
+        layers = list(module.values())
+        for name, layer in module.items():
+            if type(layer) is not tv._DenseLayer:
+                raise Unsupported(f"{name} is a {_type_name(layer)}, not torchvision's _DenseLayer")
+            _check_plain(layer, layer_modules, f"{name}.")
+            if type(layer.relu1) is not nn.ReLU or type(layer.relu2) is not nn.ReLU:
+                raise Unsupported(f"{name} uses another activation than ReLU")
+        first = layers[0]
+        growth = first.conv2.out_channels
+        if {layer.drop_rate for layer in layers} != {first.drop_rate} or first.conv1.out_channels % growth:
+            raise Unsupported("layers differ in drop_rate or width")
+        with torch.device("meta"):
+            new = DenseBlock(len(layers), first.norm1.num_features, first.conv1.out_channels // growth, growth,
+                             float(first.drop_rate))
+        for (name, old), layer in zip(module.items(), new.children()):
+            _adopt(layer, old, layer_modules)
+        return Replacement(new.train(module.training), [("", "_DenseBlock", "DenseBlock")])
+    if type(module) is tv._Transition:
+        _check_plain(module, ("norm", "conv"), "")
+        pool = module.pool
+        if type(module.relu) is not nn.ReLU or type(pool) is not nn.AvgPool2d or pool.kernel_size not in (2, (2, 2)) \
+                or pool.stride not in (2, (2, 2)) or pool.padding not in (0, (0, 0)) or pool.ceil_mode:
+            raise Unsupported("not BatchNorm → ReLU → conv1x1 → AvgPool2d(2, 2)")
+        with torch.device("meta"):
+            new = Transition(module.norm.num_features, module.conv.out_channels)
+        return Replacement(_adopt(new, module, ("norm", "conv")), [("", "_Transition", "Transition")])
+    return None
+
+
+def _group_norm(module: nn.Module) -> Optional[Replacement]:
+    """nn.GroupNorm → resfast.nn.GroupNorm (a subclass with the same
+    parameters), on resfast's kernels."""
+    if type(module) is not nn.GroupNorm:
+        return None
+    with torch.device("meta"):
+        new = GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+    new.weight, new.bias = module.weight, module.bias
+    return Replacement(new.train(module.training), [("", "GroupNorm", "resfast GroupNorm")])
+
+
+RULES: list = [_timm_preact_block, _torchvision_densenet, _group_norm, _bn_relu_conv_chains]
 
 
 def register_rule(rule: Rule, first: bool = False):
@@ -208,8 +274,8 @@ def convert(model: nn.Module, inplace: bool = False):
     recognised is left untouched.
 
     Recognised: timm ResNetV2 pre-activation blocks (BatchNormAct2d with ReLU,
-    plain convolutions) and BatchNorm2d → ReLU → Conv2d runs in an
-    nn.Sequential. With inplace=False (default) the model is copied first and
+    plain convolutions), torchvision DenseNet dense blocks and transitions,
+    nn.GroupNorm, and BatchNorm2d → ReLU → Conv2d runs in an nn.Sequential. With inplace=False (default) the model is copied first and
     never modified.
 
     Returns (converted model, Report): `report.replaced` lists (name,

@@ -65,6 +65,8 @@ MODELS = {
                    (2, 3, 32, 32)),
     "unet-group": (lambda: resfast.models.UNet(3, 2, widths=(8, 16, 32), num_groups=4), (2, 3, 16, 16)),
     "unet-batch": (lambda: resfast.models.UNet(3, 2, widths=(8, 16), norm="batch"), (2, 3, 12, 12)),
+    "densenet": (lambda: resfast.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
+                                                 num_classes=5), (2, 3, 32, 32)),
 }
 
 
@@ -79,7 +81,7 @@ def test_models_trace_fullgraph(name):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("RESFAST_SLOW") != "1", reason="inductor on whole models takes minutes on the CPU; "
                     "set RESFAST_SLOW=1")
-@pytest.mark.parametrize("name", ["resnet50v2", "unet-group"])
+@pytest.mark.parametrize("name", ["resnet50v2", "unet-group", "densenet"])
 def test_models_inductor(name):
     build, shape = MODELS[name]
     _compiled_step_matches_eager(randomize(build()).train(), torch.randn(shape), "inductor")

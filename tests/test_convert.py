@@ -168,3 +168,29 @@ def test_rules_are_extensible():
     finally:
         conversion.RULES.remove(gelu_to_silu)
     assert type(converted[1]) is nn.SiLU and report.replaced == [Replaced("1", "GELU", "SiLU")]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchvision_densenet121(training):
+    """Dense blocks and transitions become resfast's, holding the same
+    modules: same state-dict keys, same outputs and gradients."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = randomize(torchvision.models.densenet121(num_classes=10)).double()
+    model, report = resfast.convert(ref)
+    assert [r.replacement for r in report.replaced] == ["DenseBlock", "Transition"] * 3 + ["DenseBlock"]
+    assert report.replaced[0].name == "features.denseblock1"
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    assert type(model.features.denseblock2).__module__.startswith("resfast")
+    # 121 layers of batch-2 BatchNorm amplify float64 rounding to ~1e-9.
+    compare_models(model, ref, torch.randn(2, 3, 40, 40, dtype=torch.float64), training, dtype=torch.float64, tol=1e-7)
+
+
+def test_group_norm_is_converted():
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU())
+    model, report = resfast.convert(ref)
+    assert type(model[1]) is resfast.nn.GroupNorm and model[1].weight is not ref[1].weight
+    assert [(r.name, r.replacement) for r in report.replaced] == [("1", "resfast GroupNorm")]
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(model(x), ref(x))
