@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resfast.models.unet import Upsample, center_crop
+from resfast.models.unet import DecoderLevel, Upsample
 from resfast.nn.preact_res_block import make_norm
 
 ACT = {"batch": F.relu, "group": F.silu}
@@ -32,20 +32,14 @@ class EagerResBlock(nn.Module):
         return self.conv2(self.act(self.norm2(self.conv1(a)))) + shortcut
 
 
-class EagerDecoderLevel(nn.Module):
+class EagerDecoderLevel(DecoderLevel):
+    """DecoderLevel's forward with an eager block that concatenates."""
+
     def __init__(self, in_chs, out_chs, norm, num_groups, upsample, padding):
-        super().__init__()
+        nn.Module.__init__(self)
         self.up = Upsample(in_chs, out_chs, upsample)  # plain torch.nn modules
         self.block = EagerResBlock(2 * out_chs, out_chs, norm, num_groups, padding, parts=2)
         self.valid = padding == "valid"
-
-    def forward(self, x, skip):
-        if self.valid:
-            up = self.up(x, (2 * x.shape[-2], 2 * x.shape[-1]))
-            skip = center_crop(skip, up.shape[-2:])
-        else:
-            up = self.up(x, skip.shape[-2:])
-        return self.block(skip, up)
 
 
 class EagerHead(nn.Module):

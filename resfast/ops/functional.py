@@ -57,6 +57,19 @@ def _autocast_compute(x, weight, bias):
     return x, weight, bias
 
 
+def _unit_args(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation):
+    """The fused unit's arguments checked, conv arguments as int lists, and
+    x, weight and bias in the dtypes autocast computes in."""
+    check_activation_input(x)
+    check_activation(activation)
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = conv_padding(padding, weight.shape[2:], dilation)
+    check_conv_args(x, weight, stride, padding, dilation, groups)
+    check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual)
+    x, weight, bias = _autocast_compute(x, weight, bias)
+    return x, weight, bias, list(stride), list(padding), list(dilation)
+
+
 def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
                     groups=1, activation="relu", batch_invstd=None):
     """conv2d(act((x - mean) * scale + shift), weight, bias) + residual, fused:
@@ -65,16 +78,11 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, str
     batch_invstd: for training-mode BatchNorm, the batch's 1/sqrt(var + eps)
     when mean and scale = gamma * batch_invstd are x's batch statistics
     (computed without autograd); x's gradient then includes theirs."""
-    check_activation_input(x)
-    check_activation(activation)
-    stride, dilation = _pair(stride), _pair(dilation)
-    padding = conv_padding(padding, weight.shape[2:], dilation)
-    check_conv_args(x, weight, stride, padding, dilation, groups)
-    check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual)
-    x, weight, bias = _autocast_compute(x, weight, bias)
+    x, weight, bias, stride, padding, dilation = _unit_args(x, mean, scale, shift, weight, bias, residual, stride,
+                                                            padding, dilation, groups, activation)
     fused_residual = residual if residual is not None and residual.dtype == weight.dtype else None
-    y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, fused_residual, list(stride), list(padding),
-                            list(dilation), groups, activation, batch_invstd)
+    y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, fused_residual, stride, padding, dilation, groups,
+                            activation, batch_invstd)
     if residual is not None and fused_residual is None:
         y = y + residual  # mixed dtypes (autocast): promote as eager torch does
     return y
@@ -116,23 +124,18 @@ def norm_act_conv2d_stats(x, mean, scale, shift, weight, bias=None, residual=Non
     biased variance come from the convolution's epilogue, for the training-
     mode BatchNorm that consumes y (pass them as its batch_stats). They carry
     no gradient: that BatchNorm's fused op adds theirs through batch_invstd."""
-    check_activation_input(x)
-    check_activation(activation)
-    stride, dilation = _pair(stride), _pair(dilation)
-    padding = conv_padding(padding, weight.shape[2:], dilation)
-    check_conv_args(x, weight, stride, padding, dilation, groups)
-    check_same_device(x, mean=mean, scale=scale, shift=shift, bias=bias, residual=residual)
-    x, weight, bias = _autocast_compute(x, weight, bias)
+    x, weight, bias, stride, padding, dilation = _unit_args(x, mean, scale, shift, weight, bias, residual, stride,
+                                                            padding, dilation, groups, activation)
     if residual is not None and residual.dtype != weight.dtype:
         # Mixed dtypes (autocast): the add promotes outside the op, so the
         # statistics need their own pass over the promoted sum.
-        y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, None, list(stride), list(padding),
-                                list(dilation), groups, activation, batch_invstd) + residual
+        y = ops.norm_act_conv2d(x, mean, scale, shift, weight, bias, None, stride, padding, dilation, groups,
+                                activation, batch_invstd) + residual
         with torch.no_grad():
             y_mean, y_var = ops.channel_stats(y)
         return y, y_mean, y_var
-    return ops.norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, list(stride), list(padding),
-                                     list(dilation), groups, activation, batch_invstd)
+    return ops.norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                                     activation, batch_invstd)
 
 
 def _check_finite(name, value, low=None):
