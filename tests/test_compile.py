@@ -3,7 +3,6 @@ without graph breaks, and the compiled unit matches eager resfast."""
 
 import copy
 import functools
-import os
 
 import pytest
 import torch
@@ -47,8 +46,11 @@ def _compiled_step_matches_eager(model, x, backend):
     yb.backward(g)
     assert_close(yb, ya, torch.float32, "compiled output")
     assert_close(xb.grad, xa.grad, torch.float32, "compiled grad x")
+    # Compiled code reorders float32 reductions: a small gradient's error is
+    # measured against the model's largest.
+    floor = max(q.grad.abs().max().item() for q in model.parameters())
     for (name, p), q in zip(compiled_model.named_parameters(), model.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, f"compiled grad {name}", floor=1e-3)
+        assert_close(p.grad, q.grad, torch.float32, f"compiled grad {name}", floor=floor)
     for (name, b), c in zip(compiled_model.named_buffers(), model.buffers()):
         assert torch.allclose(b.float(), c.float(), rtol=1e-5, atol=1e-6), name
 
@@ -78,11 +80,9 @@ def test_models_trace_fullgraph(name):
     _compiled_step_matches_eager(randomize(build()).train(), torch.randn(shape), "aot_eager")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RESFAST_SLOW") != "1", reason="inductor on whole models takes minutes on the CPU; "
-                    "set RESFAST_SLOW=1")
 @pytest.mark.parametrize("name", ["resnet50v2", "unet-group", "densenet"])
 def test_models_inductor(name):
+    """Inductor's generated code for whole models (about 40 s each here)."""
     build, shape = MODELS[name]
     _compiled_step_matches_eager(randomize(build()).train(), torch.randn(shape), "inductor")
 
