@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/layout.h"
+#include "isa.h"
 
 namespace resfast::cpu {
 
@@ -35,11 +36,15 @@ template <typename Kernel>
 void for_each_run(const Geometry& g, const Kernel& kernel) {
   if (g.channels_last) {
     at::parallel_for(0, g.n * g.hw, kRowsPerChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t pixel = begin; pixel < end; ++pixel) kernel.row(pixel / g.hw, pixel * g.c);
+      run_with_best_isa([&] {
+        for (int64_t pixel = begin; pixel < end; ++pixel) kernel.row(pixel / g.hw, pixel * g.c);
+      });
     });
   } else {
     at::parallel_for(0, g.n * g.c, plane_grain(g), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) kernel.plane(plane / g.c, plane % g.c, plane * g.hw, g.hw);
+      run_with_best_isa([&] {
+        for (int64_t plane = begin; plane < end; ++plane) kernel.plane(plane / g.c, plane % g.c, plane * g.hw, g.hw);
+      });
     });
   }
 }
@@ -66,7 +71,9 @@ std::vector<double> sum_per_sample_channel(const Geometry& g, const Kernel& kern
         const int64_t p0 = (chunk % chunks_per_sample) * kRowsPerChunk;
         const int64_t p1 = std::min(p0 + kRowsPerChunk, g.hw);
         std::fill(acc.begin(), acc.end(), sum_t(0));
-        for (int64_t p = p0; p < p1; ++p) kernel.row(n, (n * g.hw + p) * g.c, acc.data());
+        run_with_best_isa([&] {
+          for (int64_t p = p0; p < p1; ++p) kernel.row(n, (n * g.hw + p) * g.c, acc.data());
+        });
         std::copy(acc.begin(), acc.end(), partial.begin() + chunk * g.c * K);
       }
     });
@@ -79,10 +86,12 @@ std::vector<double> sum_per_sample_channel(const Geometry& g, const Kernel& kern
     }
   } else {
     at::parallel_for(0, g.n * g.c, plane_grain(g), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const std::array<double, K> s = kernel.plane(plane / g.c, plane % g.c, plane * g.hw, g.hw);
-        std::copy(s.begin(), s.end(), out.begin() + plane * K);
-      }
+      run_with_best_isa([&] {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const std::array<double, K> s = kernel.plane(plane / g.c, plane % g.c, plane * g.hw, g.hw);
+          std::copy(s.begin(), s.end(), out.begin() + plane * K);
+        }
+      });
     });
   }
   return out;

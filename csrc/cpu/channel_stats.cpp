@@ -8,6 +8,7 @@
 
 #include "../common/checks.h"
 #include "../common/norm_act_math.h"
+#include "block_sums.h"
 #include "channel_loops.h"
 #include "stats_grad.h"
 
@@ -25,16 +26,12 @@ struct ShiftedSums {
   int64_t channels;
 
   std::array<double, 2> plane(int64_t, int64_t c, int64_t offset, int64_t length) const {
-    const scalar_t* __restrict__ xp = x + offset;
     const double shift = pivot[c];
-    double sum = 0, sum_sq = 0;
-#pragma omp simd reduction(+ : sum, sum_sq)
-    for (int64_t p = 0; p < length; ++p) {
-      const double d = static_cast<double>(xp[p]) - shift;
-      sum += d;
-      sum_sq += d * d;
-    }
-    return {sum, sum_sq};
+    return block_sums<2, double>(offset, offset + length, [&](int64_t i, double* t) {
+      const double d = static_cast<double>(x[i]) - shift;
+      t[0] = d;
+      t[1] = d * d;
+    });
   }
 
   void row(int64_t, int64_t offset, sum_t* __restrict__ acc) const {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/norm_act_math.h"
+#include "block_sums.h"
 #include "channel_loops.h"
 
 namespace resfast::cpu {
@@ -36,84 +37,83 @@ std::vector<Moments<double>> store_slice(const SliceGeometry& g, const scalar_t*
     parts_per_sample = (g.hw + kRowsPerChunk - 1) / kRowsPerChunk;
     if (stats) parts.resize(static_cast<size_t>(g.n * parts_per_sample * g.c));
     at::parallel_for(0, g.n * parts_per_sample, 1, [&](int64_t begin, int64_t end) {
-      // Sums in double: a float sum of 256 values far from zero loses the
-      // mean's low bits, which the variance then inherits.
-      std::vector<double> sum(static_cast<size_t>(g.c));
-      std::vector<acc_t> mean(static_cast<size_t>(g.c)), m2(static_cast<size_t>(g.c));
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t n = chunk / parts_per_sample;
-        const int64_t p0 = n * g.hw + (chunk % parts_per_sample) * kRowsPerChunk;
-        const int64_t p1 = std::min(p0 + kRowsPerChunk, (n + 1) * g.hw);
-        std::fill(sum.begin(), sum.end(), 0.0);
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* __restrict__ src = y + p * g.c;
-          const scalar_t* __restrict__ res = residual ? residual + p * g.c : nullptr;
-          scalar_t* __restrict__ dst = out + p * g.out_channels + g.offset;
-          double* __restrict__ s = sum.data();
+      run_with_best_isa([&] {
+        // Sums in double: a float sum of 256 values far from zero loses the
+        // mean's low bits, which the variance then inherits.
+        std::vector<double> sum(static_cast<size_t>(g.c));
+        std::vector<acc_t> mean(static_cast<size_t>(g.c)), m2(static_cast<size_t>(g.c));
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          const int64_t n = chunk / parts_per_sample;
+          const int64_t p0 = n * g.hw + (chunk % parts_per_sample) * kRowsPerChunk;
+          const int64_t p1 = std::min(p0 + kRowsPerChunk, (n + 1) * g.hw);
+          std::fill(sum.begin(), sum.end(), 0.0);
+          for (int64_t p = p0; p < p1; ++p) {
+            const scalar_t* __restrict__ src = y + p * g.c;
+            const scalar_t* __restrict__ res = residual ? residual + p * g.c : nullptr;
+            scalar_t* __restrict__ dst = out + p * g.out_channels + g.offset;
+            double* __restrict__ s = sum.data();
 #pragma omp simd
+            for (int64_t c = 0; c < g.c; ++c) {
+              const scalar_t v = res ? static_cast<scalar_t>(static_cast<acc_t>(src[c]) + static_cast<acc_t>(res[c]))
+                                     : src[c];
+              dst[c] = v;
+              s[c] += static_cast<double>(v);
+            }
+          }
+          if (!stats) continue;
+          const double count = static_cast<double>(p1 - p0);
+          for (int64_t c = 0; c < g.c; ++c) mean[c] = static_cast<acc_t>(sum[c] / count);
+          std::fill(m2.begin(), m2.end(), acc_t(0));
+          for (int64_t p = p0; p < p1; ++p) {
+            const scalar_t* __restrict__ dst = out + p * g.out_channels + g.offset;
+            const acc_t* __restrict__ mu = mean.data();
+            acc_t* __restrict__ q = m2.data();
+#pragma omp simd
+            for (int64_t c = 0; c < g.c; ++c) {
+              const acc_t d = static_cast<acc_t>(dst[c]) - mu[c];
+              q[c] += d * d;
+            }
+          }
+          Moments<double>* part = parts.data() + chunk * g.c;
           for (int64_t c = 0; c < g.c; ++c) {
-            const scalar_t v = res ? static_cast<scalar_t>(static_cast<acc_t>(src[c]) + static_cast<acc_t>(res[c]))
-                                   : src[c];
-            dst[c] = v;
-            s[c] += static_cast<double>(v);
+            // M2 about the exact chunk mean: sum (x - mu)^2 - count (mean - mu)^2.
+            const double delta = sum[c] / count - static_cast<double>(mean[c]);
+            part[c] = {count, sum[c] / count, std::max(0.0, static_cast<double>(m2[c]) - count * delta * delta)};
           }
         }
-        if (!stats) continue;
-        const double count = static_cast<double>(p1 - p0);
-        for (int64_t c = 0; c < g.c; ++c) mean[c] = static_cast<acc_t>(sum[c] / count);
-        std::fill(m2.begin(), m2.end(), acc_t(0));
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* __restrict__ dst = out + p * g.out_channels + g.offset;
-          const acc_t* __restrict__ mu = mean.data();
-          acc_t* __restrict__ q = m2.data();
-#pragma omp simd
-          for (int64_t c = 0; c < g.c; ++c) {
-            const acc_t d = static_cast<acc_t>(dst[c]) - mu[c];
-            q[c] += d * d;
-          }
-        }
-        Moments<double>* part = parts.data() + chunk * g.c;
-        for (int64_t c = 0; c < g.c; ++c) {
-          // M2 about the exact chunk mean: sum (x - mu)^2 - count (mean - mu)^2.
-          const double delta = sum[c] / count - static_cast<double>(mean[c]);
-          part[c] = {count, sum[c] / count, std::max(0.0, static_cast<double>(m2[c]) - count * delta * delta)};
-        }
-      }
+      });
     });
   } else {
     parts_per_sample = 1;
     if (stats) parts.resize(static_cast<size_t>(g.n * g.c));
     at::parallel_for(0, g.n * g.c, plane_grain({g.n, g.c, g.hw, false}), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / g.c, c = plane % g.c;
-        const scalar_t* __restrict__ src = y + plane * g.hw;
-        const scalar_t* __restrict__ res = residual ? residual + plane * g.hw : nullptr;
-        scalar_t* __restrict__ dst = out + (n * g.out_channels + g.offset + c) * g.hw;
-        double sum = 0;
-        if (res) {
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < g.hw; ++i) {
-            const scalar_t v = static_cast<scalar_t>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i]));
+      run_with_best_isa([&] {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / g.c, c = plane % g.c;
+          const scalar_t* __restrict__ src = y + plane * g.hw;
+          const scalar_t* __restrict__ res = residual ? residual + plane * g.hw : nullptr;
+          scalar_t* __restrict__ dst = out + (n * g.out_channels + g.offset + c) * g.hw;
+          const auto value = [&](int64_t i) {
+            return res ? static_cast<scalar_t>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i])) : src[i];
+          };
+          if (!stats) {
+#pragma omp simd
+            for (int64_t i = 0; i < g.hw; ++i) dst[i] = value(i);
+            continue;
+          }
+          const double sum = block_sums<1, double>(0, g.hw, [&](int64_t i, double* t) {
+            const scalar_t v = value(i);
             dst[i] = v;
-            sum += static_cast<double>(v);
-          }
-        } else {
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < g.hw; ++i) {
-            dst[i] = src[i];
-            sum += static_cast<double>(src[i]);
-          }
+            t[0] = static_cast<double>(v);
+          })[0];
+          const double mean = sum / static_cast<double>(g.hw);
+          const double m2 = block_sums<1, double>(0, g.hw, [&](int64_t i, double* t) {
+            const double d = static_cast<double>(dst[i]) - mean;
+            t[0] = d * d;
+          })[0];
+          parts[plane] = {static_cast<double>(g.hw), mean, m2};
         }
-        if (!stats) continue;
-        const double mean = sum / static_cast<double>(g.hw);
-        double m2 = 0;
-#pragma omp simd reduction(+ : m2)
-        for (int64_t i = 0; i < g.hw; ++i) {
-          const double d = static_cast<double>(dst[i]) - mean;
-          m2 += d * d;
-        }
-        parts[plane] = {static_cast<double>(g.hw), mean, m2};
-      }
+      });
     });
   }
   if (!stats) return {};

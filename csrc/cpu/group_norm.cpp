@@ -16,6 +16,7 @@
 
 #include "../common/checks.h"
 #include "../common/norm_act_math.h"
+#include "block_sums.h"
 #include "channel_loops.h"
 #include "dispatch.h"
 #include "norm_act_passes.h"
@@ -30,28 +31,17 @@ namespace {
 template <typename scalar_t>
 struct GroupShiftedSums {
   using sum_t = at::opmath_type<scalar_t>;
-  // Values are summed in sum_t in blocks (a vectorised reduction), the blocks in double.
-  static constexpr int64_t kBlock = 256;
   const scalar_t* __restrict__ x;
   const sum_t* __restrict__ pivot;
   int64_t channels;
 
   std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
     const sum_t shift = pivot[n * channels + c];
-    double sum = 0, sum_sq = 0;
-    for (int64_t start = offset; start < offset + length; start += kBlock) {
-      const int64_t len = std::min(kBlock, offset + length - start);
-      sum_t block = 0, block_sq = 0;
-#pragma omp simd reduction(+ : block, block_sq)
-      for (int64_t j = 0; j < len; ++j) {
-        const sum_t d = static_cast<sum_t>(x[start + j]) - shift;
-        block += d;
-        block_sq += d * d;
-      }
-      sum += block;
-      sum_sq += block_sq;
-    }
-    return {sum, sum_sq};
+    return block_sums<2, sum_t>(offset, offset + length, [&](int64_t i, sum_t* t) {
+      const sum_t d = static_cast<sum_t>(x[i]) - shift;
+      t[0] = d;
+      t[1] = d * d;
+    });
   }
 
   void row(int64_t n, int64_t offset, sum_t* __restrict__ acc) const {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../common/norm_act_math.h"
+#include "block_sums.h"
 
 namespace resfast::cpu {
 
@@ -74,33 +75,16 @@ struct ActivationBackward {
   NormParams<acc_t> p;
   int64_t channels;
 
-  // Blocks of kBlock values: an elementwise loop, then a pure reduction loop,
-  // each of which vectorises (a select inside a reduction does not).
-  static constexpr int64_t kBlock = 256;
-
   std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
     const int64_t k = p.index(n, c);
     const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
-    acc_t dz[kBlock], centered[kBlock];
-    double sum_dz = 0, sum_dz_x = 0;
-    for (int64_t start = offset; start < offset + length; start += kBlock) {
-      const int64_t len = std::min(kBlock, offset + length - start);
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        centered[j] = static_cast<acc_t>(x[start + j]) - m;
-        dz[j] = activation_backward<A>(centered[j] * s + b, static_cast<acc_t>(grad_a[start + j]));
-        if constexpr (kWriteGradX) grad_x[start + j] = static_cast<in_t>(dz[j] * s);
-      }
-      acc_t block_dz = 0, block_dz_x = 0;
-#pragma omp simd reduction(+ : block_dz, block_dz_x)
-      for (int64_t j = 0; j < len; ++j) {
-        block_dz += dz[j];
-        block_dz_x += dz[j] * centered[j];
-      }
-      sum_dz += block_dz;
-      sum_dz_x += block_dz_x;
-    }
-    return {sum_dz, sum_dz_x};
+    return block_sums<2, acc_t>(offset, offset + length, [&](int64_t i, acc_t* t) {
+      const acc_t centered = static_cast<acc_t>(x[i]) - m;
+      const acc_t dz = activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_a[i]));
+      if constexpr (kWriteGradX) grad_x[i] = static_cast<in_t>(dz * s);
+      t[0] = dz;
+      t[1] = dz * centered;
+    });
   }
 
   void row(int64_t n, int64_t offset, acc_t* __restrict__ acc) const {
