@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -58,44 +59,40 @@ struct GroupShiftedSums {
   }
 };
 
-// grad_x = coef_a[n, c] + coef_b[n, c] * (x - mean[n, c]), plus, with kGradY,
-// act'(z) * grad_y * scale[n, c] where z = (x - mean) * scale + shift: the
-// input gradient of GroupNorm (+ activation) and of the group statistics.
+// grad_x = coef_a[n, c] + coef_b[n, c] * (x - mean[n, c]), added to what
+// grad_x holds with kAccumulate: the input gradient of the group statistics
+// and, on top of the activation's dz * scale, of GroupNorm (+ activation).
 // The centred form keeps large-mean inputs exact.
-template <typename scalar_t, typename acc_t, Activation A, bool kGradY>
+template <typename scalar_t, typename acc_t, bool kAccumulate>
 struct GroupInputGrad {
   const scalar_t* __restrict__ x;
-  const scalar_t* __restrict__ grad_y;
   scalar_t* __restrict__ grad_x;
-  NormParams<acc_t> p;
+  const acc_t* __restrict__ mean;
   const acc_t* __restrict__ coef_a;
   const acc_t* __restrict__ coef_b;
   int64_t channels;
 
-  acc_t value(int64_t i, acc_t m, acc_t s, acc_t b, acc_t ca, acc_t cb) const {
-    const acc_t centered = static_cast<acc_t>(x[i]) - m;
-    acc_t g = ca + cb * centered;
-    if constexpr (kGradY) g += activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_y[i])) * s;
+  acc_t value(int64_t i, acc_t m, acc_t ca, acc_t cb) const {
+    acc_t g = ca + cb * (static_cast<acc_t>(x[i]) - m);
+    if constexpr (kAccumulate) g += static_cast<acc_t>(grad_x[i]);
     return g;
   }
 
   void plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
-    const int64_t k = p.index(n, c);
-    const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k], ca = coef_a[k], cb = coef_b[k];
+    const int64_t k = n * channels + c;
+    const acc_t m = mean[k], ca = coef_a[k], cb = coef_b[k];
 #pragma omp simd
-    for (int64_t i = offset; i < offset + length; ++i) grad_x[i] = static_cast<scalar_t>(value(i, m, s, b, ca, cb));
+    for (int64_t i = offset; i < offset + length; ++i) grad_x[i] = static_cast<scalar_t>(value(i, m, ca, cb));
   }
 
   void row(int64_t n, int64_t offset) const {
-    const int64_t k0 = p.index(n, 0);
-    const acc_t* __restrict__ m = p.mean + k0;
-    const acc_t* __restrict__ s = p.scale + k0;
-    const acc_t* __restrict__ b = p.shift + k0;
+    const int64_t k0 = n * channels;
+    const acc_t* __restrict__ m = mean + k0;
     const acc_t* __restrict__ ca = coef_a + k0;
     const acc_t* __restrict__ cb = coef_b + k0;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      grad_x[offset + c] = static_cast<scalar_t>(value(offset + c, m[c], s[c], b[c], ca[c], cb[c]));
+      grad_x[offset + c] = static_cast<scalar_t>(value(offset + c, m[c], ca[c], cb[c]));
     }
   }
 };
@@ -248,10 +245,9 @@ at::Tensor group_stats_backward(const at::Tensor& input, const at::Tensor& mean,
         pb[n * gg.g.c + c] = static_cast<acc_t>(2 * pgv[grp] * inv_count);
       }
     }
-    const NormParams<acc_t> p(pm, pm, pm);
-    for_each_run(gg.g, GroupInputGrad<scalar_t, acc_t, Activation::Identity, /*kGradY=*/false>{
-                           x.const_data_ptr<scalar_t>(), nullptr, grad_x.data_ptr<scalar_t>(), p, pa, pb,
-                           gg.g.c});
+    for_each_run(gg.g, GroupInputGrad<scalar_t, acc_t, /*kAccumulate=*/false>{
+                           x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), pm.const_data_ptr<acc_t>(),
+                           pa, pb, gg.g.c});
   });
   return grad_x;
 }
@@ -316,12 +312,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
     const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
     const auto params = channel_params<acc_t>(m, r, w, b, gg);
     const NormParams<acc_t> p(params[0], params[1], params[2]);
-    // Per (n, c): sum of dz = act'(z) * grad_y, and of dz * (x - mean).
+    // Per (n, c): sum of dz = act'(z) * grad_y, and of dz * (x - mean). The
+    // same pass stores dz * scale in grad_x, so the activation's derivative
+    // (an exp for SiLU) is computed once; eager rounds dz to x's dtype too.
+    if (want_x) grad_x = at::empty_like(x);
     std::vector<double> sums;
     dispatch_activation(act, [&](auto a) {
-      sums = sum_per_sample_channel<2>(
-          g, ActivationBackward<scalar_t, scalar_t, acc_t, decltype(a)::value, /*kWriteGradX=*/false>{
-                 x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), nullptr, p, g.c});
+      const auto reduce = [&](auto write_grad_x) {
+        sums = sum_per_sample_channel<2>(
+            g, ActivationBackward<scalar_t, scalar_t, acc_t, decltype(a)::value, decltype(write_grad_x)::value>{
+                   x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                   want_x ? grad_x.data_ptr<scalar_t>() : nullptr, p, g.c});
+      };
+      if (want_x) {
+        reduce(std::true_type{});
+      } else {
+        reduce(std::false_type{});
+      }
     });
     const acc_t* pr = r.const_data_ptr<acc_t>();
     const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
@@ -344,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
     if (!want_x) return;
     // With dxhat = dz * weight and xhat = (x - mean) * rstd over the group's M values:
     // grad_x = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    //        = dz * scale - rstd / M * S1 - (x - mean) * rstd^3 / M * S2,
+    //        = dz * scale - rstd / M * S1 - (x - mean) * rstd^3 / M * S2
+    //        = (what grad_x holds) + coef_a + coef_b * (x - mean),
     // S1 = sum_c weight[c] sum(dz), S2 = sum_c weight[c] sum(dz * (x - mean)).
     at::Tensor coef_a = at::empty({g.n, g.c}, acc_opts), coef_b = at::empty({g.n, g.c}, acc_opts);
     acc_t *pa = coef_a.data_ptr<acc_t>(), *pb = coef_b.data_ptr<acc_t>();
@@ -365,12 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
         }
       }
     }
-    grad_x = at::empty_like(x);
-    dispatch_activation(act, [&](auto a) {
-      for_each_run(g, GroupInputGrad<scalar_t, acc_t, decltype(a)::value, /*kGradY=*/true>{
-                          x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
-                          grad_x.data_ptr<scalar_t>(), p, pa, pb, g.c});
-    });
+    for_each_run(g, GroupInputGrad<scalar_t, acc_t, /*kAccumulate=*/true>{
+                        x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), p.mean, pa, pb, g.c});
   });
   return {grad_x, grad_weight, grad_bias};
 }

@@ -124,29 +124,9 @@ def _group_stats_backward(ctx, grad_mean, grad_var):
 torch.library.register_autograd("resfast::group_stats", _group_stats_backward, setup_context=_group_stats_setup)
 
 
-def _group_norm_setup(ctx, inputs, output):
-    x, _, weight, bias, _, activation = inputs
-    _, mean, rstd = output
-    # x and the (N, G) statistics only: act's input is recomputed from x.
-    ctx.save_for_backward(x, mean, rstd, weight, bias)
-    ctx.activation = activation
-    ctx.mark_non_differentiable(mean, rstd)
 
 
-def _group_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
-    x, mean, rstd, weight, bias = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
-    grad_y = torch.zeros_like(x) if grad_y is None else grad_y
-    grad_x, grad_weight, grad_bias = ops.group_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.activation,
-                                                             mask)
-    return grad_x, None, grad_weight, grad_bias, None, None
-
-
-torch.library.register_autograd("resfast::group_norm", _group_norm_backward, setup_context=_group_norm_setup)
-
-
-# norm_act_conv2d's autograd is registered in C++ (csrc/autograd.cpp).
+# norm_act_conv2d's and group_norm's autograd are registered in C++ (csrc/autograd.cpp).
 
 
 # ---------------------------------------------------------------- Triton on CUDA
