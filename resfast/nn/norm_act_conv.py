@@ -187,15 +187,15 @@ def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
     added in the epilogue."""
     if len(parts) > 1 and conv.groups != 1:
         raise ValueError(f"conv: a split input needs groups=1, got {conv.groups}")
-    y, start = residual, 0
-    for i, (x, affine) in enumerate(zip(parts, affines)):
-        width = x.shape[1]
-        weight = conv.weight if len(parts) == 1 else conv.weight[:, start:start + width]
+    # One split, not a slice per part: the slices' backward would zero-fill
+    # and copy a whole weight-sized gradient for each part.
+    weights = conv.weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (conv.weight,)
+    y = residual
+    for i, (x, affine, weight) in enumerate(zip(parts, affines, weights)):
         bias = conv.bias if i == len(parts) - 1 else None
         y = ops.affine_act_conv2d(x, affine, weight, bias, y, conv.stride,
                                   ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
                                   conv.groups, activation)
-        start += width
     return y
 
 
