@@ -124,3 +124,37 @@ def test_into_bad_arguments():
         resfast.ops.norm_act_conv2d_into(x, mean, scale, shift, weight, out[:, :, 1:].contiguous(), 0)
     with pytest.raises(RuntimeError, match="not differentiable"):
         resfast.ops.norm_act_conv2d_into(x, mean, scale, shift, weight.requires_grad_(), out, 0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_channel_slice_is_read_in_place(channels_last):
+    """x = buffer[:, :C] (a dense block's input) is read where it lies, not
+    copied, by the unit's forward and backward and by channel_stats, with the
+    results of a contiguous copy bit for bit."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    buf = (torch.randn(3, 11, 17, 19) * 1.5 + 0.3).contiguous(memory_format=fmt)
+    x = buf[:, :6]
+    dense = x.contiguous(memory_format=fmt)
+    mean, scale, shift = torch.randn(6) * 0.3, torch.rand(6) + 0.5, torch.randn(6) * 0.2
+    weight = torch.randn(5, 6, 3, 3) * 0.3
+    conv = ([1, 1], [1, 1], [1, 1], 1, "relu")
+    invstd = torch.rand(6) + 0.5
+    grad_out = torch.randn(3, 5, 17, 19).contiguous(memory_format=fmt)
+
+    def run(inp):
+        y = torch.ops.resfast.norm_act_conv2d(inp, mean, scale, shift, weight, None, None, *conv, None)
+        grads = torch.ops.resfast.norm_act_conv2d_backward(grad_out, inp, mean, scale, shift, weight, *conv, invstd,
+                                                           [True, True])
+        m, v = torch.ops.resfast.channel_stats(inp)
+        gx = torch.ops.resfast.channel_stats_backward(inp, m, torch.randn(6, generator=torch.Generator().manual_seed(0)),
+                                                      torch.ones(6))
+        return (y, *grads, m, v, gx)
+
+    with torch.profiler.profile(record_shapes=True) as prof:
+        sliced = run(x)
+    copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")
+              and e.input_shapes and e.input_shapes[0] == list(x.shape)]
+    assert not copies, f"x was copied: {copies}"
+    for got, want in zip(sliced, run(dense)):
+        assert torch.equal(got, want)
+    assert sliced[1].is_contiguous(memory_format=fmt), "grad_x is laid out densely"

@@ -1,12 +1,16 @@
 // Parallel loops over an (N, C, H, W) tensor that is NCHW- or channels_last-
 // contiguous, for kernels whose math depends on each element's sample n and
 // channel c. A kernel sees contiguous runs so its inner loops vectorise:
-//   NCHW:          plane(n, c, offset, length): the H*W values of one (n, c);
-//   channels_last: row(n, offset): the C values of one pixel of sample n.
+//   NCHW:          plane(n, c, offset, x_offset, length): the H*W values of one (n, c);
+//   channels_last: row(n, offset, x_offset): the C values of one pixel of sample n.
+// `offset` indexes the dense tensors the kernel writes (and reads, other than
+// x); `x_offset` indexes x, which may be the first C channels of a wider
+// tensor (a dense block's feature buffer), read in place instead of copied.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
@@ -20,10 +24,54 @@ namespace resfast::cpu {
 struct Geometry {
   int64_t n, c, hw;
   bool channels_last;
+  // x's strides: between samples, and (channels_last) between pixels.
+  int64_t x_sample_stride = 0, x_pixel_stride = 0;
+
+  int64_t x_plane(int64_t sample, int64_t channel) const { return sample * x_sample_stride + channel * hw; }
+  int64_t x_row(int64_t sample, int64_t pixel) const { return sample * x_sample_stride + pixel * x_pixel_stride; }
 };
 
+// Elements between a channels_last x's pixels (a size-1 dim's stride is arbitrary).
+inline int64_t pixel_stride(const at::Tensor& x) {
+  if (x.size(3) > 1) return x.stride(3);
+  if (x.size(2) > 1) return x.stride(2);
+  return x.size(1);
+}
+
+// Whether the kernels can read x where it lies: NCHW planes or channels_last
+// pixel rows contiguous, any sample (and pixel) stride, as in x[:, :C] of a
+// wider tensor in either layout.
+inline bool kernel_readable(const at::Tensor& x) {
+  if (x.dim() != 4) return false;
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3);
+  if (kernel_format(x) == at::MemoryFormat::ChannelsLast) {
+    const int64_t p = pixel_stride(x);
+    return (c == 1 || x.stride(1) == 1) && p >= c && (w == 1 || x.stride(3) == p) && (h == 1 || x.stride(2) == w * p);
+  }
+  return (w == 1 || x.stride(3) == 1) && (h == 1 || x.stride(2) == w) && (c == 1 || x.stride(1) == h * w);
+}
+
+// x itself when the kernels can read it, else a copy in its kernel format.
+inline at::Tensor kernel_input(const at::Tensor& x) {
+  return kernel_readable(x) ? x : x.contiguous(kernel_format(x));
+}
+
+// The loop geometry of x laid out densely in its kernel format (what
+// x.contiguous(kernel_format(x)) gives).
+inline Geometry dense_geometry(const at::Tensor& x) {
+  const bool channels_last = kernel_format(x) == at::MemoryFormat::ChannelsLast;
+  const int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  return {x.size(0), c, hw, channels_last, c * hw, channels_last ? c : 0};
+}
+
+// The loop geometry of x where it lies; x must be kernel_readable.
 inline Geometry geometry(const at::Tensor& x) {
-  return {x.size(0), x.size(1), x.size(2) * x.size(3), kernel_format(x) == at::MemoryFormat::ChannelsLast};
+  TORCH_INTERNAL_ASSERT(kernel_readable(x), "resfast: kernel input with unsupported strides ", x.strides());
+  Geometry g = dense_geometry(x);
+  if (g.channels_last) g.x_pixel_stride = pixel_stride(x);
+  if (g.n > 1) g.x_sample_stride = x.stride(0);
+  else if (g.channels_last) g.x_sample_stride = g.hw * g.x_pixel_stride;
+  return g;
 }
 
 // Pixels of one sample per work item in channels_last loops.
@@ -31,27 +79,33 @@ constexpr int64_t kRowsPerChunk = 256;
 
 inline int64_t plane_grain(const Geometry& g) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(g.hw, 1)); }
 
-// kernel.plane(n, c, offset, length) / kernel.row(n, offset) over every element.
+// kernel.plane(n, c, offset, x_offset, length) / kernel.row(n, offset, x_offset) over every element.
 template <typename Kernel>
 void for_each_run(const Geometry& g, const Kernel& kernel) {
   if (g.channels_last) {
     at::parallel_for(0, g.n * g.hw, kRowsPerChunk, [&](int64_t begin, int64_t end) {
       run_with_best_isa([&] {
-        for (int64_t pixel = begin; pixel < end; ++pixel) kernel.row(pixel / g.hw, pixel * g.c);
+        for (int64_t pixel = begin; pixel < end; ++pixel) {
+          const int64_t n = pixel / g.hw;
+          kernel.row(n, pixel * g.c, g.x_row(n, pixel - n * g.hw));
+        }
       });
     });
   } else {
     at::parallel_for(0, g.n * g.c, plane_grain(g), [&](int64_t begin, int64_t end) {
       run_with_best_isa([&] {
-        for (int64_t plane = begin; plane < end; ++plane) kernel.plane(plane / g.c, plane % g.c, plane * g.hw, g.hw);
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / g.c, c = plane % g.c;
+          kernel.plane(n, c, plane * g.hw, g.x_plane(n, c), g.hw);
+        }
       });
     });
   }
 }
 
 // Per-(sample, channel) sums of K quantities, returned as [N][C][K] doubles.
-//   kernel.plane(n, c, offset, length) -> std::array<double, K>: one plane's sums;
-//   kernel.row(n, offset, acc): adds one pixel's values to acc[k * C + c], an
+//   kernel.plane(n, c, offset, x_offset, length) -> std::array<double, K>: one plane's sums;
+//   kernel.row(n, offset, x_offset, acc): adds one pixel's values to acc[k * C + c], an
 //   array of Kernel::sum_t (the kernel's own precision: rows are summed in
 //   chunks of kRowsPerChunk before the chunk sums are added in double).
 // The work is split into chunks that do not depend on the thread count, and
@@ -72,7 +126,7 @@ std::vector<double> sum_per_sample_channel(const Geometry& g, const Kernel& kern
         const int64_t p1 = std::min(p0 + kRowsPerChunk, g.hw);
         std::fill(acc.begin(), acc.end(), sum_t(0));
         run_with_best_isa([&] {
-          for (int64_t p = p0; p < p1; ++p) kernel.row(n, (n * g.hw + p) * g.c, acc.data());
+          for (int64_t p = p0; p < p1; ++p) kernel.row(n, (n * g.hw + p) * g.c, g.x_row(n, p), acc.data());
         });
         std::copy(acc.begin(), acc.end(), partial.begin() + chunk * g.c * K);
       }
@@ -88,7 +142,8 @@ std::vector<double> sum_per_sample_channel(const Geometry& g, const Kernel& kern
     at::parallel_for(0, g.n * g.c, plane_grain(g), [&](int64_t begin, int64_t end) {
       run_with_best_isa([&] {
         for (int64_t plane = begin; plane < end; ++plane) {
-          const std::array<double, K> s = kernel.plane(plane / g.c, plane % g.c, plane * g.hw, g.hw);
+          const int64_t n = plane / g.c, c = plane % g.c;
+          const std::array<double, K> s = kernel.plane(n, c, plane * g.hw, g.x_plane(n, c), g.hw);
           std::copy(s.begin(), s.end(), out.begin() + plane * K);
         }
       });

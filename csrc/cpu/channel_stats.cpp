@@ -25,17 +25,17 @@ struct ShiftedSums {
   const sum_t* __restrict__ row_pivot;  // pivot in sum_t, for the channels_last rows
   int64_t channels;
 
-  std::array<double, 2> plane(int64_t, int64_t c, int64_t offset, int64_t length) const {
+  std::array<double, 2> plane(int64_t, int64_t c, int64_t, int64_t x_offset, int64_t length) const {
     const double shift = pivot[c];
-    return block_sums<2, double>(offset, offset + length, [&](int64_t i, double* t) {
+    return block_sums<2, double>(x_offset, x_offset + length, [&](int64_t i, double* t) {
       const double d = static_cast<double>(x[i]) - shift;
       t[0] = d;
       t[1] = d * d;
     });
   }
 
-  void row(int64_t, int64_t offset, sum_t* __restrict__ acc) const {
-    const scalar_t* __restrict__ xr = x + offset;
+  void row(int64_t, int64_t, int64_t x_offset, sum_t* __restrict__ acc) const {
+    const scalar_t* __restrict__ xr = x + x_offset;
     sum_t* __restrict__ sum = acc;
     sum_t* __restrict__ sum_sq = acc + channels;
 #pragma omp simd
@@ -49,7 +49,7 @@ struct ShiftedSums {
 
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
   check_activation_input(input, "x");
-  const at::Tensor x = input.contiguous(kernel_format(input));
+  const at::Tensor x = kernel_input(input);
   const Geometry g = geometry(x);
   const int64_t count = g.n * g.hw;
   TORCH_CHECK_VALUE(count > 0, "x: expected at least one value per channel, got shape ", x.sizes());
@@ -88,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
 at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mean,
                                   const at::Tensor& grad_mean, const at::Tensor& grad_var) {
   check_activation_input(input, "x");
-  const at::Tensor x = input.contiguous(kernel_format(input));
+  const at::Tensor x = kernel_input(input);
   const Geometry g = geometry(x);
   check_stats_backward_args(x, mean, grad_mean, grad_var);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(kernel_format(x)));
   if (x.numel() == 0) return grad_x;
   const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();
 

@@ -36,17 +36,17 @@ struct GroupShiftedSums {
   const sum_t* __restrict__ pivot;
   int64_t channels;
 
-  std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+  std::array<double, 2> plane(int64_t n, int64_t c, int64_t, int64_t x_offset, int64_t length) const {
     const sum_t shift = pivot[n * channels + c];
-    return block_sums<2, sum_t>(offset, offset + length, [&](int64_t i, sum_t* t) {
+    return block_sums<2, sum_t>(x_offset, x_offset + length, [&](int64_t i, sum_t* t) {
       const sum_t d = static_cast<sum_t>(x[i]) - shift;
       t[0] = d;
       t[1] = d * d;
     });
   }
 
-  void row(int64_t n, int64_t offset, sum_t* __restrict__ acc) const {
-    const scalar_t* __restrict__ xr = x + offset;
+  void row(int64_t n, int64_t, int64_t x_offset, sum_t* __restrict__ acc) const {
+    const scalar_t* __restrict__ xr = x + x_offset;
     const sum_t* __restrict__ pv = pivot + n * channels;
     sum_t* __restrict__ sum = acc;
     sum_t* __restrict__ sum_sq = acc + channels;
@@ -72,27 +72,29 @@ struct GroupInputGrad {
   const acc_t* __restrict__ coef_b;
   int64_t channels;
 
-  acc_t value(int64_t i, acc_t m, acc_t ca, acc_t cb) const {
-    acc_t g = ca + cb * (static_cast<acc_t>(x[i]) - m);
+  acc_t value(int64_t i, int64_t x_i, acc_t m, acc_t ca, acc_t cb) const {
+    acc_t g = ca + cb * (static_cast<acc_t>(x[x_i]) - m);
     if constexpr (kAccumulate) g += static_cast<acc_t>(grad_x[i]);
     return g;
   }
 
-  void plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+  void plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const int64_t k = n * channels + c;
     const acc_t m = mean[k], ca = coef_a[k], cb = coef_b[k];
 #pragma omp simd
-    for (int64_t i = offset; i < offset + length; ++i) grad_x[i] = static_cast<scalar_t>(value(i, m, ca, cb));
+    for (int64_t i = 0; i < length; ++i) {
+      grad_x[offset + i] = static_cast<scalar_t>(value(offset + i, x_offset + i, m, ca, cb));
+    }
   }
 
-  void row(int64_t n, int64_t offset) const {
+  void row(int64_t n, int64_t offset, int64_t x_offset) const {
     const int64_t k0 = n * channels;
     const acc_t* __restrict__ m = mean + k0;
     const acc_t* __restrict__ ca = coef_a + k0;
     const acc_t* __restrict__ cb = coef_b + k0;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      grad_x[offset + c] = static_cast<scalar_t>(value(offset + c, m[c], ca[c], cb[c]));
+      grad_x[offset + c] = static_cast<scalar_t>(value(offset + c, x_offset + c, m[c], ca[c], cb[c]));
     }
   }
 };
@@ -110,7 +112,7 @@ GroupGeometry check_groups(const at::Tensor& x, int64_t num_groups) {
                     x.size(1), " channels, got ", num_groups);
   TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) * x.size(2) * x.size(3) > 0,
                     "x: expected at least one value per group, got shape ", x.sizes());
-  return {geometry(x), num_groups, x.size(1) / num_groups};
+  return {dense_geometry(x), num_groups, x.size(1) / num_groups};
 }
 
 // weight/bias: (C,) of x's dtype or of its accumulation dtype.

@@ -24,7 +24,8 @@ namespace resfast::cpu {
 namespace {
 
 struct UnitArgs {
-  at::Tensor x, mean, scale, shift;
+  at::Tensor x;  // read in place when kernel_readable (a channel slice), else a copy
+  at::Tensor mean, scale, shift;
   Activation activation;
   at::MemoryFormat format;
 };
@@ -38,7 +39,7 @@ UnitArgs check_unit_args(const at::Tensor& x, const at::Tensor& mean, const at::
   check_conv_args(x, weight, stride, padding, dilation, groups);
   check_compute_dtype(x, weight);
   const at::MemoryFormat format = kernel_format(x);
-  return {x.contiguous(format), mean.contiguous(), scale.contiguous(), shift.contiguous(),
+  return {kernel_input(x), mean.contiguous(), scale.contiguous(), shift.contiguous(),
           parse_activation(activation), format};
 }
 
@@ -220,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
   if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
   grad_a = grad_a.contiguous(u.format);
 
-  at::Tensor grad_x = at::empty_like(u.x);
+  at::Tensor grad_x = at::empty(u.x.sizes(), u.x.options().memory_format(u.format));
   const Geometry g = geometry(u.x);
   std::vector<double> sums;
   dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {

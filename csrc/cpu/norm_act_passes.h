@@ -40,23 +40,25 @@ struct NormalizeActivate {
   NormParams<acc_t> p;
   int64_t channels;
 
-  void plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+  void plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const int64_t k = p.index(n, c);
     const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
+    const in_t* __restrict__ xp = x + x_offset;
+    out_t* __restrict__ ap = a + offset;
 #pragma omp simd
-    for (int64_t i = offset; i < offset + length; ++i) {
-      a[i] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[i]), m, s, b)));
+    for (int64_t i = 0; i < length; ++i) {
+      ap[i] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(xp[i]), m, s, b)));
     }
   }
 
-  void row(int64_t n, int64_t offset) const {
+  void row(int64_t n, int64_t offset, int64_t x_offset) const {
     const int64_t k0 = p.index(n, 0);
     const acc_t* __restrict__ m = p.mean + k0;
     const acc_t* __restrict__ s = p.scale + k0;
     const acc_t* __restrict__ b = p.shift + k0;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      a[offset + c] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[offset + c]), m[c], s[c], b[c])));
+      a[offset + c] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[x_offset + c]), m[c], s[c], b[c])));
     }
   }
 };
@@ -75,11 +77,12 @@ struct ActivationBackward {
   NormParams<acc_t> p;
   int64_t channels;
 
-  std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t length) const {
+  std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const int64_t k = p.index(n, c);
     const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
+    const in_t* __restrict__ xp = x + (x_offset - offset);
     return block_sums<2, acc_t>(offset, offset + length, [&](int64_t i, acc_t* t) {
-      const acc_t centered = static_cast<acc_t>(x[i]) - m;
+      const acc_t centered = static_cast<acc_t>(xp[i]) - m;
       const acc_t dz = activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_a[i]));
       if constexpr (kWriteGradX) grad_x[i] = static_cast<in_t>(dz * s);
       t[0] = dz;
@@ -87,7 +90,7 @@ struct ActivationBackward {
     });
   }
 
-  void row(int64_t n, int64_t offset, acc_t* __restrict__ acc) const {
+  void row(int64_t n, int64_t offset, int64_t x_offset, acc_t* __restrict__ acc) const {
     const int64_t k0 = p.index(n, 0);
     const acc_t* __restrict__ m = p.mean + k0;
     const acc_t* __restrict__ s = p.scale + k0;
@@ -96,7 +99,7 @@ struct ActivationBackward {
     acc_t* __restrict__ sum_dz_x = acc + channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const acc_t centered = static_cast<acc_t>(x[offset + c]) - m[c];
+      const acc_t centered = static_cast<acc_t>(x[x_offset + c]) - m[c];
       const acc_t dz = activation_backward<A>(centered * s[c] + b[c], static_cast<acc_t>(grad_a[offset + c]));
       if constexpr (kWriteGradX) grad_x[offset + c] = static_cast<in_t>(dz * s[c]);
       sum_dz[c] += dz;

@@ -1,5 +1,6 @@
 // The gradient of per-channel (mean, biased variance) with respect to each
-// value, written to grad_x or added to it: channel_stats_backward, and the
+// value, written to grad_x (dense) or added to it; x may be strided
+// (channel_loops.h): channel_stats_backward, and the
 // batch-statistics term of training-mode BatchNorm's input gradient.
 #pragma once
 
@@ -23,18 +24,19 @@ struct StatsGrad {
     grad_x[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(grad_x[i]) + g : g);
   }
 
-  void plane(int64_t, int64_t c, int64_t offset, int64_t length) const {
+  void plane(int64_t, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const acc_t m = mean[c], gm = grad_mean[c], gv = grad_var[c];
+    const scalar_t* __restrict__ xp = x + x_offset;
 #pragma omp simd
-    for (int64_t i = offset; i < offset + length; ++i) {
-      store(i, channel_stats_grad<acc_t>(static_cast<acc_t>(x[i]), m, gm, gv, inv_count));
+    for (int64_t i = 0; i < length; ++i) {
+      store(offset + i, channel_stats_grad<acc_t>(static_cast<acc_t>(xp[i]), m, gm, gv, inv_count));
     }
   }
 
-  void row(int64_t, int64_t offset) const {
+  void row(int64_t, int64_t offset, int64_t x_offset) const {
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      store(offset + c, channel_stats_grad<acc_t>(static_cast<acc_t>(x[offset + c]), mean[c], grad_mean[c],
+      store(offset + c, channel_stats_grad<acc_t>(static_cast<acc_t>(x[x_offset + c]), mean[c], grad_mean[c],
                                                   grad_var[c], inv_count));
     }
   }
