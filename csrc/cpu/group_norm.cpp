@@ -72,18 +72,19 @@ struct GroupInputGrad {
   const acc_t* __restrict__ coef_b;
   int64_t channels;
 
-  acc_t value(int64_t i, int64_t x_i, acc_t m, acc_t ca, acc_t cb) const {
-    acc_t g = ca + cb * (static_cast<acc_t>(x[x_i]) - m);
-    if constexpr (kAccumulate) g += static_cast<acc_t>(grad_x[i]);
-    return g;
+  static void store(scalar_t& out, acc_t xv, acc_t m, acc_t ca, acc_t cb) {
+    const acc_t g = ca + cb * (xv - m);
+    out = static_cast<scalar_t>(kAccumulate ? static_cast<acc_t>(out) + g : g);
   }
 
   void plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const int64_t k = n * channels + c;
     const acc_t m = mean[k], ca = coef_a[k], cb = coef_b[k];
+    const scalar_t* __restrict__ xp = x + x_offset;
+    scalar_t* __restrict__ gx = grad_x + offset;
 #pragma omp simd
     for (int64_t i = 0; i < length; ++i) {
-      grad_x[offset + i] = static_cast<scalar_t>(value(offset + i, x_offset + i, m, ca, cb));
+      store(gx[i], static_cast<acc_t>(xp[i]), m, ca, cb);
     }
   }
 
@@ -92,9 +93,11 @@ struct GroupInputGrad {
     const acc_t* __restrict__ m = mean + k0;
     const acc_t* __restrict__ ca = coef_a + k0;
     const acc_t* __restrict__ cb = coef_b + k0;
+    const scalar_t* __restrict__ xr = x + x_offset;
+    scalar_t* __restrict__ gx = grad_x + offset;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      grad_x[offset + c] = static_cast<scalar_t>(value(offset + c, x_offset + c, m[c], ca[c], cb[c]));
+      store(gx[c], static_cast<acc_t>(xr[c]), m[c], ca[c], cb[c]);
     }
   }
 };

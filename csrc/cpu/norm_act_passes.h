@@ -56,17 +56,18 @@ struct NormalizeActivate {
     const acc_t* __restrict__ m = p.mean + k0;
     const acc_t* __restrict__ s = p.scale + k0;
     const acc_t* __restrict__ b = p.shift + k0;
+    const in_t* __restrict__ xr = x + x_offset;
+    out_t* __restrict__ ar = a + offset;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      a[offset + c] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(x[x_offset + c]), m[c], s[c], b[c])));
+      ar[c] = static_cast<out_t>(activate<A>(normalize<acc_t>(static_cast<acc_t>(xr[c]), m[c], s[c], b[c])));
     }
   }
 };
 
 // From grad_a, the gradient of the convolution's input: dz = grad_a * act'(z),
-// grad_x = dz * scale, and the sums of dz and dz * (x - mean). grad_x may be
-// grad_a itself (each element is read before it is written, at one index).
-// kWriteGradX = false only reduces the sums (GroupNorm's backward, whose
+// grad_x = dz * scale, and the sums of dz and dz * (x - mean) (grad_x, grad_a
+// and x must not overlap). kWriteGradX = false only reduces the sums (GroupNorm's backward, whose
 // grad_x needs them first).
 template <typename in_t, typename out_t, typename acc_t, Activation A, bool kWriteGradX = true>
 struct ActivationBackward {
@@ -80,11 +81,13 @@ struct ActivationBackward {
   std::array<double, 2> plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const int64_t k = p.index(n, c);
     const acc_t m = p.mean[k], s = p.scale[k], b = p.shift[k];
-    const in_t* __restrict__ xp = x + (x_offset - offset);
-    return block_sums<2, acc_t>(offset, offset + length, [&](int64_t i, acc_t* t) {
+    const in_t* __restrict__ xp = x + x_offset;
+    const out_t* __restrict__ gp = grad_a + offset;
+    in_t* __restrict__ gx = kWriteGradX ? grad_x + offset : nullptr;
+    return block_sums<2, acc_t>(0, length, [&](int64_t i, acc_t* t) {
       const acc_t centered = static_cast<acc_t>(xp[i]) - m;
-      const acc_t dz = activation_backward<A>(centered * s + b, static_cast<acc_t>(grad_a[i]));
-      if constexpr (kWriteGradX) grad_x[i] = static_cast<in_t>(dz * s);
+      const acc_t dz = activation_backward<A>(centered * s + b, static_cast<acc_t>(gp[i]));
+      if constexpr (kWriteGradX) gx[i] = static_cast<in_t>(dz * s);
       t[0] = dz;
       t[1] = dz * centered;
     });
@@ -97,11 +100,14 @@ struct ActivationBackward {
     const acc_t* __restrict__ b = p.shift + k0;
     acc_t* __restrict__ sum_dz = acc;
     acc_t* __restrict__ sum_dz_x = acc + channels;
+    const in_t* __restrict__ xr = x + x_offset;
+    const out_t* __restrict__ gr = grad_a + offset;
+    in_t* __restrict__ gx = kWriteGradX ? grad_x + offset : nullptr;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const acc_t centered = static_cast<acc_t>(x[x_offset + c]) - m[c];
-      const acc_t dz = activation_backward<A>(centered * s[c] + b[c], static_cast<acc_t>(grad_a[offset + c]));
-      if constexpr (kWriteGradX) grad_x[offset + c] = static_cast<in_t>(dz * s[c]);
+      const acc_t centered = static_cast<acc_t>(xr[c]) - m[c];
+      const acc_t dz = activation_backward<A>(centered * s[c] + b[c], static_cast<acc_t>(gr[c]));
+      if constexpr (kWriteGradX) gx[c] = static_cast<in_t>(dz * s[c]);
       sum_dz[c] += dz;
       sum_dz_x[c] += dz * centered;
     }

@@ -20,24 +20,24 @@ struct StatsGrad {
   acc_t inv_count;
   int64_t channels;
 
-  void store(int64_t i, acc_t g) const {
-    grad_x[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(grad_x[i]) + g : g);
-  }
-
   void plane(int64_t, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
     const acc_t m = mean[c], gm = grad_mean[c], gv = grad_var[c];
     const scalar_t* __restrict__ xp = x + x_offset;
+    scalar_t* __restrict__ gx = grad_x + offset;
 #pragma omp simd
     for (int64_t i = 0; i < length; ++i) {
-      store(offset + i, channel_stats_grad<acc_t>(static_cast<acc_t>(xp[i]), m, gm, gv, inv_count));
+      const acc_t g = channel_stats_grad<acc_t>(static_cast<acc_t>(xp[i]), m, gm, gv, inv_count);
+      gx[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(gx[i]) + g : g);
     }
   }
 
   void row(int64_t, int64_t offset, int64_t x_offset) const {
+    const scalar_t* __restrict__ xr = x + x_offset;
+    scalar_t* __restrict__ gx = grad_x + offset;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      store(offset + c, channel_stats_grad<acc_t>(static_cast<acc_t>(x[x_offset + c]), mean[c], grad_mean[c],
-                                                  grad_var[c], inv_count));
+      const acc_t g = channel_stats_grad<acc_t>(static_cast<acc_t>(xr[c]), mean[c], grad_mean[c], grad_var[c], inv_count);
+      gx[c] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(gx[c]) + g : g);
     }
   }
 };
