@@ -81,3 +81,19 @@ def test_environment_variable_caps_the_level():
     assert done.stdout.strip() == "baseline"
     bad = _run_with_env("avx9")
     assert bad.returncode != 0 and "RESFAST_CPU_ISA: expected one of" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_silu_across_the_exponent_range(isa):
+    """SiLU's exp (norm_act_math.h: a polynomial, 2^n built in the exponent
+    bits) against float64 for activations in [-80, 80], element by element."""
+    z = torch.linspace(-80, 80, 4001, dtype=torch.float64)
+    x = z.to(torch.float32).reshape(1, 1, 1, -1)
+    ones, zeros = torch.ones(1), torch.zeros(1)
+    with use_cpu_isa(isa):
+        # identity normalisation: mean 0, scale 1, shift 0; a 1x1 identity convolution.
+        y = resfast.ops.norm_act_conv2d(x, zeros, ones, zeros, torch.ones(1, 1, 1, 1), activation="silu")
+    z32 = x.double().flatten()
+    expected = z32 * torch.sigmoid(z32)
+    rel = ((y.double().flatten() - expected).abs() / expected.abs()).max().item()
+    assert rel < 2e-6, f"max relative error {rel:.3g}"
