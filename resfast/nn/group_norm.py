@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.norm_act_conv import check_conv_module
+from resfast.nn.norm_act_conv import NormActConvUnit
 
 
 class GroupNorm(nn.GroupNorm):
@@ -35,7 +35,7 @@ class GroupNormAct(nn.GroupNorm):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-class GNActConv2d(nn.Module):
+class GNActConv2d(NormActConvUnit):
     """conv(act(group_norm(x))) with the normalised activation never stored.
 
     Holds an nn.GroupNorm-compatible `norm` and an `nn.Conv2d` `conv` for their
@@ -46,6 +46,9 @@ class GNActConv2d(nn.Module):
     `residual` in the convolution's epilogue.
     """
 
+    norm_attr, norm_types, channels_attr, default_activation = "norm", (nn.GroupNorm,), "num_channels", "silu"
+    norm_description = "an nn.GroupNorm"
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  num_groups=32, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
         super().__init__()
@@ -54,33 +57,8 @@ class GNActConv2d(nn.Module):
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
         self._adopt(norm, conv, activation)
 
-    def _adopt(self, norm, conv, activation):
-        if not isinstance(norm, nn.GroupNorm):
-            raise TypeError(f"norm: expected an nn.GroupNorm, got {type(norm).__name__}")
-        check_conv_module(conv)
-        if norm.num_channels != conv.in_channels:
-            raise ValueError(f"norm: expected num_channels = conv.in_channels = {conv.in_channels}, "
-                             f"got {norm.num_channels}")
-        ops.functional.check_activation(activation)
-        self.norm = norm
-        self.conv = conv
-        self.activation = activation
-        self._padding = ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)
-
-    @classmethod
-    def from_modules(cls, norm: nn.GroupNorm, conv: nn.Conv2d, activation="silu"):
-        """A unit that takes over `norm` and `conv` (their parameters are
-        shared, not copied)."""
-        unit = cls.__new__(cls)
-        nn.Module.__init__(unit)
-        unit._adopt(norm, conv, activation)
-        return unit
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         norm, conv = self.norm, self.conv
         affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride, self._padding,
                                      conv.dilation, conv.groups, self.activation)
-
-    def extra_repr(self):
-        return f"activation={self.activation!r}"

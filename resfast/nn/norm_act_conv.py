@@ -61,7 +61,46 @@ def check_conv_module(conv: nn.Conv2d):
         raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
 
 
-class BNReLUConv2d(nn.Module):
+class NormActConvUnit(nn.Module):
+    """Base of the fused norm -> act -> conv units: holds a normalisation
+    module (attribute `norm_attr`) and an nn.Conv2d `conv`, whose parameters
+    and buffers it uses as they are, so state dicts match the unfused modules.
+    Subclasses set the class attributes below and define forward."""
+
+    norm_attr: str  # the norm submodule's attribute (and state-dict) name
+    norm_types: tuple  # the norm module types accepted
+    norm_description: str  # the accepted types, in words, for errors
+    channels_attr: str  # the norm module's attribute holding its channel count
+    default_activation: str
+
+    def _adopt(self, norm, conv, activation):
+        if not isinstance(norm, self.norm_types):
+            raise TypeError(f"{self.norm_attr}: expected {self.norm_description}, got {type(norm).__name__}")
+        check_conv_module(conv)
+        channels = getattr(norm, self.channels_attr)
+        if channels != conv.in_channels:
+            raise ValueError(f"{self.norm_attr}: expected {self.channels_attr} = conv.in_channels = "
+                             f"{conv.in_channels}, got {channels}")
+        ops.functional.check_activation(activation)
+        setattr(self, self.norm_attr, norm)
+        self.conv = conv
+        self.activation = activation
+        self._padding = ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, conv: nn.Conv2d, activation: str | None = None):
+        """A unit that takes over `norm` and `conv` (their parameters and
+        buffers are shared, not copied); activation defaults to the class's."""
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit._adopt(norm, conv, cls.default_activation if activation is None else activation)
+        return unit
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}"
+
+
+class BNReLUConv2d(NormActConvUnit):
     """conv(relu(bn(x))) with the normalised activation never stored.
 
     Holds an `nn.BatchNorm2d` (`bn`) and an `nn.Conv2d` (`conv`) for their
@@ -72,6 +111,9 @@ class BNReLUConv2d(nn.Module):
     `resfast.nn.convert_sync_batchnorm`) `bn` is a `SyncBatchNorm2d` and
     training-mode statistics are shared across the group's processes.
     """
+
+    norm_attr, norm_types, channels_attr, default_activation = "bn", BATCH_NORMS, "num_features", "relu"
+    norm_description = "an nn.BatchNorm2d or nn.SyncBatchNorm"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False,
                  eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, activation="relu", process_group=None,
@@ -85,37 +127,12 @@ class BNReLUConv2d(nn.Module):
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
         self._adopt(bn, conv, activation)
 
-    def _adopt(self, bn, conv, activation):
-        if not isinstance(bn, BATCH_NORMS):
-            raise TypeError(f"bn: expected an nn.BatchNorm2d or nn.SyncBatchNorm, got {type(bn).__name__}")
-        check_conv_module(conv)
-        if bn.num_features != conv.in_channels:
-            raise ValueError(f"bn: expected num_features = conv.in_channels = {conv.in_channels}, "
-                             f"got {bn.num_features}")
-        ops.functional.check_activation(activation)
-        self.bn = bn
-        self.conv = conv
-        self.activation = activation
-        self._padding = ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)
-
-    @classmethod
-    def from_modules(cls, bn: nn.BatchNorm2d | nn.SyncBatchNorm, conv: nn.Conv2d, activation="relu"):
-        """A unit that takes over `bn` and `conv` (their parameters and buffers
-        are shared, not copied)."""
-        unit = cls.__new__(cls)
-        nn.Module.__init__(unit)
-        unit._adopt(bn, conv, activation)
-        return unit
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv = self.conv
         if sync_process_group(self.bn, self.training)[0]:
             return norm_conv(x, batch_norm_affine(x, self.bn, self.training), conv, residual, self.activation)
         return ops.batch_norm_act_conv2d(x, *batch_norm_args(self.bn, self.training), conv.weight, conv.bias, conv.stride,
                                          self._padding, conv.dilation, conv.groups, self.activation, residual)
-
-    def extra_repr(self):
-        return f"activation={self.activation!r}"
 
 
 def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residual=None, activation="relu",
