@@ -1,6 +1,7 @@
-// Autograd of norm_act_conv2d and group_norm, in C++: they run once per unit
-// per step, and a Python autograd wrapper cost ~0.3 ms a call (5% of a
-// ResNet-200 CPU training step; a third of a small GroupNorm's). The backward is written in terms of registered ops, so every
+// Autograd of norm_act_conv2d, group_norm and the statistics ops, in C++:
+// they run once per unit per step, and a Python autograd wrapper cost
+// ~0.3 ms a call (5% of a ResNet-200 CPU training step; a third of a small
+// GroupNorm's). The backward is written in terms of registered ops, so every
 // backend (and resfast.backend's dispatch mode) serves it, and torch.compile
 // traces it through the fake kernels.
 #include <ATen/TensorOperators.h>
@@ -222,6 +223,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_autograd(const at::Ten
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<at::Tensor, at::Tensor> call_channel_stats(const at::Tensor& x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resfast::channel_stats", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op.call(x);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_group_stats(const at::Tensor& x, int64_t num_groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resfast::group_stats", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return op.call(x, num_groups);
+}
+
+// channel_stats_backward and group_stats_backward: (x, mean, grad_mean, grad_var) -> grad_x.
+using StatsBackwardOp = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&)>;
+
+StatsBackwardOp find_stats_backward(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(name, "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+}
+
+// grad_x of a (mean, var) statistics op that saved (x, mean); an absent
+// gradient is zero.
+at::Tensor stats_backward(const StatsBackwardOp& op, AutogradContext* ctx, const variable_list& grads) {
+  const auto saved = ctx->get_saved_variables();
+  const at::Tensor &x = saved[0], &mean = saved[1];
+  const auto or_zeros = [&](const at::Tensor& g) { return g.defined() ? g.contiguous() : at::zeros_like(mean); };
+  return op.call(x, mean, or_zeros(grads[0]), or_zeros(grads[1]));
+}
+
+class ChannelStats : public torch::autograd::Function<ChannelStats> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [mean, var] = call_channel_stats(x);
+    ctx->save_for_backward({x, mean});
+    return {mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const StatsBackwardOp op = find_stats_backward("resfast::channel_stats_backward");
+    return {stats_backward(op, ctx, grads)};
+  }
+};
+
+class GroupStats : public torch::autograd::Function<GroupStats> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t num_groups) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [mean, var] = call_group_stats(x, num_groups);
+    ctx->save_for_backward({x, mean});
+    return {mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const StatsBackwardOp op = find_stats_backward("resfast::group_stats_backward");
+    return {stats_backward(op, ctx, grads), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_autograd(const at::Tensor& x) {
+  const auto out = ChannelStats::apply(x);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> group_stats_autograd(const at::Tensor& x, int64_t num_groups) {
+  const auto out = GroupStats::apply(x, num_groups);
+  return {out[0], out[1]};
+}
+
 at::Tensor norm_act_conv2d_autograd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                                     const at::Tensor& shift, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
@@ -248,6 +322,8 @@ TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   m.impl("norm_act_conv2d", &norm_act_conv2d_autograd);
   m.impl("norm_act_conv2d_stats", &norm_act_conv2d_stats_autograd);
   m.impl("group_norm", &group_norm_autograd);
+  m.impl("channel_stats", &channel_stats_autograd);
+  m.impl("group_stats", &group_stats_autograd);
 }
 
 }  // namespace resfast

@@ -5,7 +5,7 @@ from resfast._extension import load as _load_extension
 
 _load_extension()
 
-from resfast.ops import library  # noqa: E402,F401  (registers fake, autograd and Triton kernels)
+from resfast.ops import library  # noqa: E402,F401  (registers fake and Triton kernels)
 from resfast.ops import dense  # noqa: E402,F401
 from resfast.ops.backend import BACKENDS, backend  # noqa: E402
 from resfast.ops.cpu_isa import available_cpu_isas, cpu_isa, hardware_isa, use_cpu_isa  # noqa: E402

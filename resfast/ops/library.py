@@ -1,6 +1,6 @@
 """Python side of the op registrations whose schemas csrc/ops.cpp defines:
-fake (meta) kernels for torch.compile, channel_stats' autograd formula, and
-the Triton kernels as the CUDA implementation of the convolution ops."""
+fake (meta) kernels for torch.compile, and the Triton kernels as the CUDA
+implementation of the convolution ops."""
 
 import torch
 
@@ -89,44 +89,7 @@ def _group_norm_backward_fake(grad_y, x, mean, rstd, weight, bias, activation, o
     return grad_x, *vectors
 
 
-# ---------------------------------------------------------------- autograd
-def _channel_stats_setup(ctx, inputs, output):
-    (x,) = inputs
-    mean, _ = output
-    ctx.save_for_backward(x, mean)
-
-
-def _channel_stats_backward(ctx, grad_mean, grad_var):
-    x, mean = ctx.saved_tensors
-    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-    return ops.channel_stats_backward(x, mean, grad_mean.contiguous(), grad_var.contiguous())
-
-
-torch.library.register_autograd(
-    "resfast::channel_stats", _channel_stats_backward, setup_context=_channel_stats_setup
-)
-
-
-def _group_stats_setup(ctx, inputs, output):
-    x, _ = inputs
-    mean, _ = output
-    ctx.save_for_backward(x, mean)
-
-
-def _group_stats_backward(ctx, grad_mean, grad_var):
-    x, mean = ctx.saved_tensors
-    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-    return ops.group_stats_backward(x, mean, grad_mean.contiguous(), grad_var.contiguous()), None
-
-
-torch.library.register_autograd("resfast::group_stats", _group_stats_backward, setup_context=_group_stats_setup)
-
-
-
-
-# norm_act_conv2d's and group_norm's autograd are registered in C++ (csrc/autograd.cpp).
+# The differentiable ops' autograd is registered in C++ (csrc/autograd.cpp).
 
 
 # ---------------------------------------------------------------- Triton on CUDA
