@@ -18,6 +18,7 @@ import triton.language as tl
 from ._common import activation_code, check_activation_tensor, check_device, empty_like_format, \
     is_channels_last, multiprocessor_count
 from .conv import _act, _act_grad
+from .stats import _merge_tile_moments
 
 # [BLOCK_HW, BLOCK_C] tiles: wide in channels for channels_last, tall in
 # pixels for NCHW. tests/test_triton_aot.py compiles every entry.
@@ -70,17 +71,7 @@ def _gn_stats_partial_kernel(
         hw = start + tl.arange(0, BLOCK_HW)
         offs, mask = _tile(pid_n, hw, c, HW, C, sn, shw, sc)
         xv = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
-        t_count = tl.sum(mask.to(tl.float32), axis=0)
-        t_mean = tl.sum(xv, axis=0) / tl.maximum(t_count, 1.0)
-        d = tl.where(mask, xv - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        # Chan et al.'s merge of the tile into the running moments.
-        new_count = count + t_count
-        frac = t_count / tl.maximum(new_count, 1.0)
-        delta = t_mean - mean
-        mean += delta * frac
-        m2 += t_m2 + delta * delta * count * frac
-        count = new_count
+        count, mean, m2 = _merge_tile_moments(count, mean, m2, xv, mask)
     # part_ptr: contiguous fp32 (4, N, S, C): count, pivot, mean - pivot, M2.
     plane = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) * C
     p = part_ptr + (pid_n.to(tl.int64) * tl.num_programs(1) + pid_s) * C + c

@@ -28,6 +28,21 @@ STATS_CONFIGS = [
 
 
 @triton.jit
+def _merge_tile_moments(count, mean, m2, xv, mask):
+    """Chan et al.'s merge of a (rows, columns) tile's per-column moments into
+    the running (count, mean, m2); xv is zero where mask is off, and a tile
+    with no values in a column leaves that column's moments as they were."""
+    t_count = tl.sum(mask.to(tl.float32), axis=0)
+    t_mean = tl.sum(xv, axis=0) / tl.maximum(t_count, 1.0)
+    d = tl.where(mask, xv - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(d * d, axis=0)
+    new_count = count + t_count
+    frac = t_count / tl.maximum(new_count, 1.0)
+    delta = t_mean - mean
+    return new_count, mean + delta * frac, m2 + t_m2 + delta * delta * count * frac
+
+
+@triton.jit
 def _row_offsets(rows, HW, W, sxn, sxh, sxw):
     n = rows // HW
     hw = rows - n * HW
@@ -57,17 +72,7 @@ def _stats_partial_kernel(
         mask = r_mask[:, None] & c_mask[None, :]
         x_ptrs = x_ptr + _row_offsets(rows, HW, W, sxn, sxh, sxw)[:, None] + x_col[None, :]
         xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        t_count = tl.sum(r_mask.to(tl.float32), axis=0)
-        t_mean = tl.sum(xv, axis=0) / tl.maximum(t_count, 1.0)
-        d = tl.where(mask, xv - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        # Chan et al. merge; a tile past the end has t_count == 0 and is a no-op.
-        new_count = count + t_count
-        frac = t_count / tl.maximum(new_count, 1.0)
-        delta = t_mean - mean
-        mean += delta * frac
-        m2 += t_m2 + delta * delta * count * frac
-        count = new_count
+        count, mean, m2 = _merge_tile_moments(count, mean, m2, xv, mask)
 
     # part_ptr is a contiguous fp32 (3, num_pid_m, C) buffer: count, mean, M2.
     plane = tl.num_programs(0).to(tl.int64) * C
