@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import resfast
 from conftest import available_backends
+from resfast.ops.layout import kernel_format
 from utils import assert_close
 
 BACKENDS = available_backends()
@@ -158,3 +159,36 @@ def test_channel_slice_is_read_in_place(channels_last):
     for got, want in zip(sliced, run(dense)):
         assert torch.equal(got, want)
     assert sliced[1].is_contiguous(memory_format=fmt), "grad_x is laid out densely"
+
+
+@pytest.mark.parametrize("shape,channels_last,view", [
+    ((1, 6, 5, 7), False, "expand"),   # one sample repeated: sample stride 0
+    ((3, 6, 1, 7), True, "slice"),     # H = 1: pixel stride from W's stride
+    ((3, 6, 5, 1), True, "slice"),     # W = 1: pixel stride from H's stride
+    ((1, 6, 1, 1), True, "slice"),     # one pixel
+    ((3, 6, 5, 7), False, "permute"),  # neither layout: copied
+], ids=["expand", "cl-h1", "cl-w1", "cl-1px", "permuted"])
+def test_strided_inputs_match_contiguous(shape, channels_last, view):
+    n, c, h, w = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if view == "expand":
+        x = torch.randn(1, c, h, w).expand(3, c, h, w)
+    elif view == "slice":
+        x = torch.randn(n, c + 5, h, w).contiguous(memory_format=fmt)[:, :c]
+    else:
+        x = torch.randn(n, h, c, w).permute(0, 2, 1, 3)
+    mean, scale, shift = torch.randn(c) * 0.3, torch.rand(c) + 0.5, torch.randn(c) * 0.2
+    weight = torch.randn(4, c, 1, 1)
+    conv = ([1, 1], [0, 0], [1, 1], 1, "silu")
+    grad_out = torch.randn(x.shape[0], 4, h, w)
+    invstd = torch.rand(c) + 0.5
+
+    def run(inp):
+        y = torch.ops.resfast.norm_act_conv2d(inp, mean, scale, shift, weight, None, None, *conv, None)
+        grads = torch.ops.resfast.norm_act_conv2d_backward(grad_out.contiguous(memory_format=kernel_format(inp)), inp,
+                                                           mean, scale, shift, weight, *conv, invstd, [True, True])
+        return (y, *grads, *torch.ops.resfast.channel_stats(inp))
+
+    dense = x.contiguous(memory_format=kernel_format(x))
+    for got, want in zip(run(x), run(dense)):
+        assert torch.equal(got, want)
