@@ -88,9 +88,12 @@ class _DenseBlockFunction(torch.autograd.Function):
             else:
                 mean1 = p.norm1_running_mean.to(acc)
                 scale1 = p.norm1_weight * torch.rsqrt(p.norm1_running_var.to(acc) + eps1[i])
-            bott = torch.empty((n, width, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-            m2, v2 = ops.norm_act_conv2d_into(buf[:, :c_in], mean1, scale1, p.norm1_bias, p.conv1_weight, None,
-                                              None, *_conv_args(_CONV1), bott, 0, use_batch_stats)
+            bott_args = (buf[:, :c_in], mean1, scale1, p.norm1_bias, p.conv1_weight, None, None,
+                         *_conv_args(_CONV1), None)
+            if use_batch_stats:
+                bott, m2, v2 = ops.norm_act_conv2d_stats(*bott_args)
+            else:
+                bott = ops.norm_act_conv2d(*bott_args)
             if use_batch_stats:
                 bott_mean[i], bott_var[i] = m2, v2
                 scale2 = p.norm2_weight * torch.rsqrt(v2 + eps2[i])
