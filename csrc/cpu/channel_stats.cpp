@@ -10,6 +10,7 @@
 #include "../common/norm_act_math.h"
 #include "block_sums.h"
 #include "channel_loops.h"
+#include "channel_stats.h"
 #include "stats_grad.h"
 
 namespace resfast::cpu {
@@ -46,6 +47,8 @@ struct ShiftedSums {
     }
   }
 };
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
   check_activation_input(input, "x");
@@ -84,6 +87,8 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
   });
   return {mean, var};
 }
+
+namespace {
 
 at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mean,
                                   const at::Tensor& grad_mean, const at::Tensor& grad_var) {

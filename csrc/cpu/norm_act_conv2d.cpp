@@ -15,6 +15,7 @@
 #include "../common/checks.h"
 #include "../common/norm_act_math.h"
 #include "channel_loops.h"
+#include "channel_stats.h"
 #include "conv_epilogue.h"
 #include "dispatch.h"
 #include "norm_act_passes.h"
@@ -164,6 +165,23 @@ std::tuple<at::Tensor, at::Tensor> norm_act_conv2d_into(
   return {out_mean, out_var};
 }
 
+// norm_act_conv2d with the output's per-channel (mean, var). The generic
+// kernel (csrc/norm_act_conv2d_stats.cpp) fills a fresh y through _into, whose
+// epilogue copies ATen's convolution output into it; here that output is y,
+// and one read pass takes its moments.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
+  at::Tensor y = norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                                 activation, batch_invstd);
+  TORCH_CHECK_VALUE(y.size(0) * y.size(2) * y.size(3) > 0,
+                    "norm_act_conv2d_stats: needs at least one output value per channel, got output shape ", y.sizes());
+  auto [y_mean, y_var] = channel_stats(y);
+  return {y, y_mean, y_var};
+}
+
 void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == u.x.size(0) &&
                         grad_out.size(1) == weight.size(0),
@@ -269,6 +287,7 @@ TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("norm_act_conv2d", &norm_act_conv2d);
   m.impl("norm_act_conv2d_backward", &norm_act_conv2d_backward);
   m.impl("norm_act_conv2d_into", &norm_act_conv2d_into);
+  m.impl("norm_act_conv2d_stats", &norm_act_conv2d_stats);
 }
 
 }  // namespace resfast::cpu
