@@ -60,10 +60,11 @@ def test_epilogue_statistics(isa, channels_last):
 
 
 def test_level_can_be_lowered_and_is_restored():
-    assert cpu_isa() == hardware_isa() == ISAS[-1]
+    assert hardware_isa() == ISAS[-1]
+    before = cpu_isa()  # hardware_isa() unless RESFAST_CPU_ISA caps it
     with use_cpu_isa("baseline"):
         assert cpu_isa() == "baseline"
-    assert cpu_isa() == hardware_isa()
+    assert cpu_isa() == before
     with pytest.raises(ValueError, match="isa: expected one of"):
         with use_cpu_isa("avx9"):
             pass
