@@ -57,7 +57,7 @@ std::vector<Moments<double>> store_slice(const SliceGeometry& g, const scalar_t*
               const scalar_t v = res ? static_cast<scalar_t>(static_cast<acc_t>(src[c]) + static_cast<acc_t>(res[c]))
                                      : src[c];
               dst[c] = v;
-              s[c] += static_cast<double>(v);
+              if (stats) s[c] += static_cast<double>(v);
             }
           }
           if (!stats) continue;

@@ -92,12 +92,10 @@ class _DenseBlockFunction(torch.autograd.Function):
                          *_conv_args(_CONV1), None)
             if use_batch_stats:
                 bott, m2, v2 = ops.norm_act_conv2d_stats(*bott_args)
-            else:
-                bott = ops.norm_act_conv2d(*bott_args)
-            if use_batch_stats:
                 bott_mean[i], bott_var[i] = m2, v2
                 scale2 = p.norm2_weight * torch.rsqrt(v2 + eps2[i])
             else:
+                bott = ops.norm_act_conv2d(*bott_args)
                 m2 = p.norm2_running_mean.to(acc)
                 scale2 = p.norm2_weight * torch.rsqrt(p.norm2_running_var.to(acc) + eps2[i])
             mi, vi = ops.norm_act_conv2d_into(bott, m2, scale2, p.norm2_bias, p.conv2_weight, None, None,
