@@ -107,7 +107,40 @@ struct GroupGeometry {
   int64_t groups, per_group;  // G and C / G
   int64_t count() const { return per_group * g.hw; }
   int64_t group_of(int64_t c) const { return c / per_group; }
+  int64_t first_channel(int64_t grp) const { return grp * per_group; }
 };
+
+// Groups of at most this many bytes are worked on while they stay in L2.
+constexpr int64_t kCachedGroupBytes = 512 * 1024;
+
+// Whether the NCHW kernels take one (sample, group) at a time: its planes
+// are reduced, then normalised (or given their input gradient) while still
+// in cache, so x is read from memory once per op instead of twice, as torch's
+// own GroupNorm kernel does. It needs groups that fit in cache and at least
+// one group per thread; channels_last groups are strided across each sample's
+// pixels, so they keep the two passes over whole tensors. Both ways give
+// bitwise the same results: the same plane sums, added in the same order.
+bool by_group(const GroupGeometry& gg, int64_t element_size) {
+  return !gg.g.channels_last && gg.count() * element_size <= kCachedGroupBytes &&
+         gg.g.n * gg.groups >= at::get_num_threads();
+}
+
+// task(n, grp) for every (sample, group), in parallel, in the best ISA copy.
+template <typename Task>
+void for_each_group(const GroupGeometry& gg, const Task& task) {
+  at::parallel_for(0, gg.g.n * gg.groups, 1, [&](int64_t begin, int64_t end) {
+    run_with_best_isa([&] {
+      for (int64_t i = begin; i < end; ++i) task(i / gg.groups, i % gg.groups);
+    });
+  });
+}
+
+// kernel.plane over the channels of group (n, grp) of a dense NCHW tensor.
+template <typename PlaneFn>
+void for_each_group_plane(const GroupGeometry& gg, int64_t n, int64_t grp, const PlaneFn& plane) {
+  const int64_t c0 = gg.first_channel(grp);
+  for (int64_t c = c0; c < c0 + gg.per_group; ++c) plane(c, (n * gg.g.c + c) * gg.g.hw);
+}
 
 GroupGeometry check_groups(const at::Tensor& x, int64_t num_groups) {
   check_activation_input(x, "x");
@@ -153,36 +186,54 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> affine_vectors(const std::opti
   return {std::move(w), std::move(b)};
 }
 
+// Each (n, c)'s pivot: its group's first value in x (dense, kernel format).
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> group_pivots(const scalar_t* x, const GroupGeometry& gg) {
+  const Geometry& g = gg.g;
+  std::vector<at::opmath_type<scalar_t>> pivot(g.n * g.c);
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      const int64_t c0 = gg.first_channel(gg.group_of(c));
+      pivot[n * g.c + c] = static_cast<at::opmath_type<scalar_t>>(
+          x[g.channels_last ? n * g.hw * g.c + c0 : (n * g.c + c0) * g.hw]);
+    }
+  }
+  return pivot;
+}
+
+// Mean and biased variance of group (n, grp), rounded to acc_t, from its
+// channels' shifted sums (sums: [N][C][2]) added in channel order.
+template <typename acc_t>
+std::pair<acc_t, acc_t> group_mean_var(const double* sums, const acc_t* pivot, const GroupGeometry& gg, int64_t n,
+                                       int64_t grp) {
+  double s1 = 0, s2 = 0;
+  const int64_t c0 = gg.first_channel(grp);
+  for (int64_t c = c0; c < c0 + gg.per_group; ++c) {
+    s1 += sums[(n * gg.g.c + c) * 2];
+    s2 += sums[(n * gg.g.c + c) * 2 + 1];
+  }
+  const double count = static_cast<double>(gg.count());
+  const Moments<double> m = moments_from_shifted_sums<double>(count, pivot[n * gg.g.c + c0], s1, s2);
+  return {static_cast<acc_t>(m.mean), static_cast<acc_t>(m.m2 / count)};
+}
+
+template <typename acc_t>
+acc_t inverse_std(acc_t var, double eps) {
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+}
+
 // (N, G) mean and biased variance of x (in its kernel format).
 template <typename scalar_t>
 void group_moments(const at::Tensor& x, const GroupGeometry& gg, at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<scalar_t>;
-  using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Geometry& g = gg.g;
   const scalar_t* px = x.const_data_ptr<scalar_t>();
-  // Each group's first value, repeated over its channels.
-  std::vector<acc_t> pivot(g.n * g.c);
-  for (int64_t n = 0; n < g.n; ++n) {
-    for (int64_t c = 0; c < g.c; ++c) {
-      const int64_t c0 = gg.group_of(c) * gg.per_group;
-      pivot[n * g.c + c] = static_cast<acc_t>(px[g.channels_last ? n * g.hw * g.c + c0 : (n * g.c + c0) * g.hw]);
-    }
-  }
-  const std::vector<double> sums = sum_per_sample_channel<2>(g, GroupShiftedSums<scalar_t>{px, pivot.data(), g.c});
-  out_t* pm = mean.data_ptr<out_t>();
-  out_t* pv = var.data_ptr<out_t>();
-  const double count = static_cast<double>(gg.count());
-  for (int64_t n = 0; n < g.n; ++n) {
+  const std::vector<acc_t> pivot = group_pivots(px, gg);
+  const std::vector<double> sums = sum_per_sample_channel<2>(gg.g, GroupShiftedSums<scalar_t>{px, pivot.data(), gg.g.c});
+  acc_t* pm = mean.data_ptr<acc_t>();
+  acc_t* pv = var.data_ptr<acc_t>();
+  for (int64_t n = 0; n < gg.g.n; ++n) {
     for (int64_t grp = 0; grp < gg.groups; ++grp) {
-      double s1 = 0, s2 = 0;
-      for (int64_t c = grp * gg.per_group; c < (grp + 1) * gg.per_group; ++c) {
-        s1 += sums[(n * g.c + c) * 2];
-        s2 += sums[(n * g.c + c) * 2 + 1];
-      }
-      const Moments<double> m =
-          moments_from_shifted_sums<double>(count, pivot[n * g.c + grp * gg.per_group], s1, s2);
-      pm[n * gg.groups + grp] = static_cast<out_t>(m.mean);
-      pv[n * gg.groups + grp] = static_cast<out_t>(m.m2 / count);
+      std::tie(pm[n * gg.groups + grp], pv[n * gg.groups + grp]) = group_mean_var(sums.data(), pivot.data(), gg, n, grp);
     }
   }
 }
@@ -196,8 +247,21 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x, const GroupGeometr
   return {mean, var};
 }
 
-// Per-(sample, channel) (N, C) tensors from per-(sample, group) values:
-// mean[n, c] = mean[n, g], scale[n, c] = rstd[n, g] * weight[c], shift[n, c] = bias[c].
+// Per-(sample, channel) parameters of group (n, grp), written at [n, c] of
+// (N, C) arrays: mean[n, c] = mean, scale[n, c] = rstd * weight[c], shift[n, c] = bias[c].
+template <typename acc_t>
+void fill_group_params(acc_t* om, acc_t* os, acc_t* ob, acc_t mean, acc_t rstd, const std::vector<acc_t>& w,
+                       const std::vector<acc_t>& b, const GroupGeometry& gg, int64_t n, int64_t grp) {
+  const int64_t c0 = gg.first_channel(grp);
+  for (int64_t c = c0; c < c0 + gg.per_group; ++c) {
+    const int64_t k = n * gg.g.c + c;
+    om[k] = mean;
+    os[k] = rstd * w[c];
+    ob[k] = b[c];
+  }
+}
+
+// (N, C) tensors of fill_group_params for every group, from (N, G) mean and rstd.
 template <typename acc_t>
 std::array<at::Tensor, 3> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const std::vector<acc_t>& w,
                                          const std::vector<acc_t>& b, const GroupGeometry& gg) {
@@ -205,13 +269,11 @@ std::array<at::Tensor, 3> channel_params(const at::Tensor& mean, const at::Tenso
   for (auto& t : out) t = at::empty({gg.g.n, gg.g.c}, mean.options());
   const acc_t* pm = mean.const_data_ptr<acc_t>();
   const acc_t* pr = rstd.const_data_ptr<acc_t>();
-  acc_t *om = out[0].data_ptr<acc_t>(), *os = out[1].data_ptr<acc_t>(), *ob = out[2].data_ptr<acc_t>();
   for (int64_t n = 0; n < gg.g.n; ++n) {
-    for (int64_t c = 0; c < gg.g.c; ++c) {
-      const int64_t k = n * gg.g.c + c, grp = n * gg.groups + gg.group_of(c);
-      om[k] = pm[grp];
-      os[k] = pr[grp] * w[c];
-      ob[k] = b[c];
+    for (int64_t grp = 0; grp < gg.groups; ++grp) {
+      const int64_t k = n * gg.groups + grp;
+      fill_group_params(out[0].data_ptr<acc_t>(), out[1].data_ptr<acc_t>(), out[2].data_ptr<acc_t>(), pm[k], pr[k],
+                        w, b, gg, n, grp);
     }
   }
   return out;
@@ -268,24 +330,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& inpu
   const Activation act = parse_activation(activation);
   const at::MemoryFormat format = kernel_format(input);
   const at::Tensor x = input.contiguous(format);
-  auto [mean, rstd] = stats(x, gg);
-  // rstd = 1 / sqrt(var + eps), in place of var.
-  AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "group_norm_rstd", [&] {
-    scalar_t* r = rstd.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < rstd.numel(); ++i) r[i] = scalar_t(1) / std::sqrt(r[i] + static_cast<scalar_t>(eps));
-  });
+  const Geometry& g = gg.g;
+  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  at::Tensor mean = at::empty({g.n, gg.groups}, acc_opts), rstd = at::empty({g.n, gg.groups}, acc_opts);
   at::Tensor y = at::empty_like(x, x.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto [w, b] = affine_vectors<acc_t>(weight, bias, gg.g.c);
-    const auto params = channel_params<acc_t>(mean, rstd, w, b, gg);
-    const NormParams<acc_t> p(params[0], params[1], params[2]);
+    const auto [w, b] = affine_vectors<acc_t>(weight, bias, g.c);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    acc_t *pm = mean.data_ptr<acc_t>(), *pr = rstd.data_ptr<acc_t>();
     dispatch_activation(act, [&](auto a) {
-      for_each_run(gg.g, NormalizeActivate<scalar_t, scalar_t, acc_t, decltype(a)::value>{
-                             x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, gg.g.c});
+      using Normalize = NormalizeActivate<scalar_t, scalar_t, acc_t, decltype(a)::value>;
+      if (!by_group(gg, x.element_size())) {
+        group_moments<scalar_t>(x, gg, mean, rstd);
+        for (int64_t k = 0; k < rstd.numel(); ++k) pr[k] = inverse_std(pr[k], eps);
+        const auto params = channel_params<acc_t>(mean, rstd, w, b, gg);
+        for_each_run(g, Normalize{px, y.data_ptr<scalar_t>(), NormParams<acc_t>(params[0], params[1], params[2]), g.c});
+        return;
+      }
+      const std::vector<acc_t> pivot = group_pivots(px, gg);
+      const GroupShiftedSums<scalar_t> shifted_sums{px, pivot.data(), g.c};
+      std::vector<double> sums(g.n * g.c * 2);
+      std::vector<acc_t> params(3 * g.n * g.c);
+      acc_t *om = params.data(), *os = om + g.n * g.c, *ob = os + g.n * g.c;
+      const Normalize normalize{px, y.data_ptr<scalar_t>(), NormParams<acc_t>(om, os, ob, g.c), g.c};
+      for_each_group(gg, [&](int64_t n, int64_t grp) {
+        for_each_group_plane(gg, n, grp, [&](int64_t c, int64_t offset) {
+          const std::array<double, 2> s = shifted_sums.plane(n, c, offset, offset, g.hw);
+          std::copy(s.begin(), s.end(), sums.begin() + offset / g.hw * 2);
+        });
+        const int64_t k = n * gg.groups + grp;
+        const auto [group_mean, group_var] = group_mean_var(sums.data(), pivot.data(), gg, n, grp);
+        pm[k] = group_mean;
+        pr[k] = inverse_std(group_var, eps);
+        fill_group_params(om, os, ob, pm[k], pr[k], w, b, gg, n, grp);
+        for_each_group_plane(gg, n, grp,
+                             [&](int64_t c, int64_t offset) { normalize.plane(n, c, offset, offset, g.hw); });
+      });
     });
   });
   return {y, mean, rstd};
+}
+
+// With dxhat = dz * weight and xhat = (x - mean) * rstd over the group's M values:
+// grad_x = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+//        = dz * scale - rstd / M * S1 - (x - mean) * rstd^3 / M * S2
+//        = dz * scale + coef_a + coef_b * (x - mean),
+// S1 = sum_c weight[c] sum(dz), S2 = sum_c weight[c] sum(dz * (x - mean)):
+// (coef_a, coef_b) of group (n, grp) from the [N][C][2] sums of dz and dz * (x - mean).
+template <typename acc_t>
+std::pair<acc_t, acc_t> input_grad_coefs(const double* sums, const std::vector<acc_t>& w, double rstd,
+                                         const GroupGeometry& gg, int64_t n, int64_t grp) {
+  double s1 = 0, s2 = 0;
+  const int64_t c0 = gg.first_channel(grp);
+  for (int64_t c = c0; c < c0 + gg.per_group; ++c) {
+    s1 += w[c] * sums[(n * gg.g.c + c) * 2];
+    s2 += w[c] * sums[(n * gg.g.c + c) * 2 + 1];
+  }
+  const double inv_count = 1.0 / static_cast<double>(gg.count());
+  return {static_cast<acc_t>(-rstd * s1 * inv_count), static_cast<acc_t>(-rstd * rstd * rstd * s2 * inv_count)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
@@ -315,19 +418,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
     using acc_t = at::opmath_type<scalar_t>;
     const auto [w, b] = affine_vectors<acc_t>(weight, bias, g.c);
     const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+    const acc_t* pr = r.const_data_ptr<acc_t>();
     const auto params = channel_params<acc_t>(m, r, w, b, gg);
     const NormParams<acc_t> p(params[0], params[1], params[2]);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    // grad_x = (what grad_x holds) + coef_a[n, c] + coef_b[n, c] * (x - mean[n, c]).
+    std::vector<acc_t> coef_a(want_x ? g.n * g.c : 0), coef_b(want_x ? g.n * g.c : 0);
+    if (want_x) grad_x = at::empty_like(x);
+    scalar_t* pgx = want_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+    const GroupInputGrad<scalar_t, acc_t, /*kAccumulate=*/true> input_grad{px, pgx, p.mean, coef_a.data(),
+                                                                          coef_b.data(), g.c};
+    const auto fill_coefs = [&](const std::vector<double>& sums, int64_t n, int64_t grp) {
+      const auto [ca, cb] = input_grad_coefs(sums.data(), w, pr[n * gg.groups + grp], gg, n, grp);
+      const int64_t k0 = n * g.c + gg.first_channel(grp);
+      std::fill_n(coef_a.begin() + k0, gg.per_group, ca);
+      std::fill_n(coef_b.begin() + k0, gg.per_group, cb);
+    };
     // Per (n, c): sum of dz = act'(z) * grad_y, and of dz * (x - mean). The
     // same pass stores dz * scale in grad_x, so the activation's derivative
     // (an exp for SiLU) is computed once; eager rounds dz to x's dtype too.
-    if (want_x) grad_x = at::empty_like(x);
     std::vector<double> sums;
+    const bool grad_x_by_group = want_x && by_group(gg, x.element_size());
     dispatch_activation(act, [&](auto a) {
       const auto reduce = [&](auto write_grad_x) {
-        sums = sum_per_sample_channel<2>(
-            g, ActivationBackward<scalar_t, scalar_t, acc_t, decltype(a)::value, decltype(write_grad_x)::value>{
-                   x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
-                   want_x ? grad_x.data_ptr<scalar_t>() : nullptr, p, g.c});
+        const ActivationBackward<scalar_t, scalar_t, acc_t, decltype(a)::value, decltype(write_grad_x)::value>
+            kernel{px, grad_y.const_data_ptr<scalar_t>(), pgx, p, g.c};
+        if (!grad_x_by_group) {
+          sums = sum_per_sample_channel<2>(g, kernel);
+          return;
+        }
+        // Each group's input gradient follows its sums while it is in cache.
+        sums.resize(g.n * g.c * 2);
+        for_each_group(gg, [&](int64_t n, int64_t grp) {
+          for_each_group_plane(gg, n, grp, [&](int64_t c, int64_t offset) {
+            const std::array<double, 2> s = kernel.plane(n, c, offset, offset, g.hw);
+            std::copy(s.begin(), s.end(), sums.begin() + offset / g.hw * 2);
+          });
+          fill_coefs(sums, n, grp);
+          for_each_group_plane(gg, n, grp,
+                               [&](int64_t c, int64_t offset) { input_grad.plane(n, c, offset, offset, g.hw); });
+        });
       };
       if (want_x) {
         reduce(std::true_type{});
@@ -335,10 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
         reduce(std::false_type{});
       }
     });
-    const acc_t* pr = r.const_data_ptr<acc_t>();
-    const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
     if (want_weight || want_bias) {
       // d(weight[c]) = sum_n rstd[n, g] * sum(dz * (x - mean)), d(bias[c]) = sum_n sum(dz).
+      const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
       at::Tensor gw = at::empty({g.c}, acc_opts), gb = at::empty({g.c}, acc_opts);
       acc_t *pgw = gw.data_ptr<acc_t>(), *pgb = gb.data_ptr<acc_t>();
       for (int64_t c = 0; c < g.c; ++c) {
@@ -353,33 +482,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
       if (want_weight) grad_weight = weight.has_value() ? gw.to(weight->scalar_type()) : gw;
       if (want_bias) grad_bias = bias.has_value() ? gb.to(bias->scalar_type()) : gb;
     }
-    if (!want_x) return;
-    // With dxhat = dz * weight and xhat = (x - mean) * rstd over the group's M values:
-    // grad_x = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    //        = dz * scale - rstd / M * S1 - (x - mean) * rstd^3 / M * S2
-    //        = (what grad_x holds) + coef_a + coef_b * (x - mean),
-    // S1 = sum_c weight[c] sum(dz), S2 = sum_c weight[c] sum(dz * (x - mean)).
-    at::Tensor coef_a = at::empty({g.n, g.c}, acc_opts), coef_b = at::empty({g.n, g.c}, acc_opts);
-    acc_t *pa = coef_a.data_ptr<acc_t>(), *pb = coef_b.data_ptr<acc_t>();
-    const double inv_count = 1.0 / static_cast<double>(gg.count());
+    if (!want_x || grad_x_by_group) return;
     for (int64_t n = 0; n < g.n; ++n) {
-      for (int64_t grp = 0; grp < gg.groups; ++grp) {
-        double s1 = 0, s2 = 0;
-        for (int64_t c = grp * gg.per_group; c < (grp + 1) * gg.per_group; ++c) {
-          s1 += w[c] * sums[(n * g.c + c) * 2];
-          s2 += w[c] * sums[(n * g.c + c) * 2 + 1];
-        }
-        const double rs = pr[n * gg.groups + grp];
-        const acc_t a = static_cast<acc_t>(-rs * s1 * inv_count);
-        const acc_t bcoef = static_cast<acc_t>(-rs * rs * rs * s2 * inv_count);
-        for (int64_t c = grp * gg.per_group; c < (grp + 1) * gg.per_group; ++c) {
-          pa[n * g.c + c] = a;
-          pb[n * g.c + c] = bcoef;
-        }
-      }
+      for (int64_t grp = 0; grp < gg.groups; ++grp) fill_coefs(sums, n, grp);
     }
-    for_each_run(g, GroupInputGrad<scalar_t, acc_t, /*kAccumulate=*/true>{
-                        x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), p.mean, pa, pb, g.c});
+    for_each_run(g, input_grad);
   });
   return {grad_x, grad_weight, grad_bias};
 }

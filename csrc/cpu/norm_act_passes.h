@@ -23,11 +23,11 @@ struct NormParams {
   const acc_t* shift;
   int64_t sample_stride;
 
+  NormParams(const acc_t* m, const acc_t* s, const acc_t* b, int64_t sample_stride)
+      : mean(m), scale(s), shift(b), sample_stride(sample_stride) {}
   NormParams(const at::Tensor& m, const at::Tensor& s, const at::Tensor& b)
-      : mean(m.const_data_ptr<acc_t>()),
-        scale(s.const_data_ptr<acc_t>()),
-        shift(b.const_data_ptr<acc_t>()),
-        sample_stride(m.dim() == 2 ? m.size(1) : 0) {}
+      : NormParams(m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+                   m.dim() == 2 ? m.size(1) : 0) {}
 
   int64_t index(int64_t n, int64_t c) const { return n * sample_stride + c; }
 };
