@@ -89,6 +89,27 @@ def test_large_mean_keeps_the_variance(backend, fmt):
     assert_close(y, F.silu(F.group_norm(x.double(), 2)), torch.float32, "y", tol=2e-3)
 
 
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_cpu_nchw_ways_agree_bitwise(activation):
+    """The CPU kernels take NCHW input one (sample, group) at a time when
+    there are at least as many groups as threads, else in two passes over the
+    whole tensor: outputs, statistics and gradients must be bitwise equal."""
+    x = torch.randn(1, 6, 9, 7) * 2 + 0.5
+    w, b, g = torch.rand(6) + 0.5, torch.randn(6), torch.randn(1, 6, 9, 7)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):  # 3 groups: one at a time with 1 thread, two passes with 4
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            y, mean, rstd = torch.ops.resfast.group_norm(leaves[0], 3, leaves[1], leaves[2], 1e-5, activation)
+            results.append([y.detach(), mean, rstd, *torch.autograd.grad(y, leaves, g)])
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(("y", "mean", "rstd", "grad x", "grad weight", "grad bias"), *results):
+        assert torch.equal(one, two), name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
 def test_group_stats_gradient(backend, fmt):
