@@ -12,7 +12,7 @@ import torch
 import resfast
 from resfast.bench.cases import QUICK_SUITES, SUITES
 from resfast.bench.roofline import measure_peaks, step_flops, step_min_bytes
-from resfast.bench.timing import saved_activation_bytes, step_fn, time_interleaved
+from resfast.bench.timing import TRAINING_STEP, saved_activation_bytes, step_fn, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,7 +119,7 @@ def environment(device):
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "resfast": resfast.__version__, "python": platform.python_version(),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "training_step": TRAINING_STEP}
     try:
         import triton
 

@@ -9,6 +9,8 @@ import json
 import re
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# What results written before the step was recorded back-propagated.
+_SUM_STEP = "forward, then backward of the output's sum"
 
 
 def _ms(times, name):
@@ -27,7 +29,7 @@ def table(result, source):
     lines = [
         f"**{env['device']}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
         f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date'][:10]} "
-        f"(`{source}`)",
+        f"(`{source}`); training step: {env.get('training_step', _SUM_STEP)}",
         "",
         "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |"
         + extra_head,

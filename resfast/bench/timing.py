@@ -43,14 +43,26 @@ def time_interleaved(fns: dict, device, warmup=2, repeats=10):
     return out
 
 
+# What a training step back-propagates, recorded with every result.
+TRAINING_STEP = "forward, then backward of a fixed random gradient of the output"
+
+
 def step_fn(module, x, training):
-    """One inference forward (no_grad) or one training step (forward, backward
-    of the output's sum, gradients cleared first), as a no-argument callable."""
+    """One inference forward (no_grad) or one training step (TRAINING_STEP,
+    gradients cleared first), as a no-argument callable. The output gradient
+    is dense, as a layer inside a network receives; the broadcast gradient
+    of `output.sum()` would time a case no real network has."""
     if training:
+        grad = None
+
         def run():
+            nonlocal grad
             for p in module.parameters():
                 p.grad = None
-            module(x).sum().backward()
+            y = module(x)
+            if grad is None:
+                grad = torch.randn_like(y)
+            y.backward(grad)
     else:
         def run():
             with torch.no_grad():
