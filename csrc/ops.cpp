@@ -73,4 +73,12 @@ TORCH_LIBRARY(resfast, m) {
   // conv unit, which applies them in its prologue.
   m.def("group_stats(Tensor x, int num_groups) -> (Tensor mean, Tensor var)");
   m.def("group_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
+  // GroupNorm as the fused conv unit's per-(sample, channel) (N, C)
+  // normalisation: mean[n, c] = mean[n, g], scale[n, c] = rstd[n, g] *
+  // weight[c], shift[n, c] = bias[c] (or 1 and 0 without weight and bias),
+  // float32 (float64 for float64 input). Differentiable with respect to x
+  // (through group_stats), weight and bias.
+  m.def(
+      "group_norm_affine(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor mean, Tensor scale, Tensor shift)");
 }

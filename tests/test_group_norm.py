@@ -133,6 +133,26 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *t: resfast.ops.group_norm(*t[:1], 2, *t[1:], activation="silu"),
                                     (x, w, b))
     assert torch.autograd.gradcheck(lambda t: torch.ops.resfast.group_stats(t, 2), (x,))
+    for affine in ((w, b), (None, None), (w, None)):
+        assert torch.autograd.gradcheck(
+            lambda *t: torch.ops.resfast.group_norm_affine(t[0], 2, *t[1:], *[None] * (3 - len(t)), 1e-5),
+            (x, *[p for p in affine if p is not None]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_affine_spreads_the_statistics(backend):
+    x = torch.randn(2, 6, 5, 3) * 2 + 1
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    with resfast.backend(backend):
+        mean, scale, shift = torch.ops.resfast.group_norm_affine(x, 3, w, b, 1e-3)
+        plain = torch.ops.resfast.group_norm_affine(x, 3, None, None, 1e-3)
+    var64, mean64 = torch.var_mean(x.double().reshape(2, 3, -1), dim=2, unbiased=False)
+    rstd64 = (var64 + 1e-3).rsqrt().repeat_interleave(2, 1)
+    assert_close(mean, mean64.repeat_interleave(2, 1), torch.float32, "mean")
+    assert_close(scale, rstd64 * w.double(), torch.float32, "scale")
+    assert torch.equal(shift, b.expand(2, 6))
+    assert_close(plain[1], rstd64, torch.float32, "scale without weight")
+    assert torch.equal(plain[2], torch.zeros(2, 6))
 
 
 def test_opcheck():
@@ -150,6 +170,9 @@ def test_opcheck():
         (torch.ops.resfast.group_norm, (xl, 3, None, None, 1e-5, "relu")),
         (torch.ops.resfast.group_norm_backward, (g, x, mean, rstd, w, b, "silu", [True, True, True])),
         (torch.ops.resfast.group_norm_backward, (g, x, mean, rstd, None, None, "identity", [True, False, False])),
+        (torch.ops.resfast.group_norm_affine, (x.clone().requires_grad_(), 3, w.clone().requires_grad_(),
+                                               b.clone().requires_grad_(), 1e-5)),
+        (torch.ops.resfast.group_norm_affine, (xl, 3, None, None, 1e-5)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

@@ -251,20 +251,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation="iden
 
 def group_norm_affine(x, num_groups, weight, bias, eps) -> NormAffine:
     """GroupNorm of x (F.group_norm's arguments) as a per-(sample, channel)
-    NormAffine. The (N, G) statistics come from the differentiable group_stats
-    op (no copy of x, either layout), so the fused op's gradients with respect
-    to mean and scale reach x through them."""
+    NormAffine, from the differentiable group_norm_affine op: its statistics
+    read x in place (no copy, either layout), and the fused op's gradients
+    with respect to mean and scale reach x, weight and bias through it."""
     check_activation_input(x)
     _check_group_norm_args(x, num_groups, weight, bias, eps)
-    n, c = x.shape[:2]
-    acc = accumulation_dtype(x.dtype)
-    mean, var = ops.group_stats(x, num_groups)
-    per_channel = c // num_groups
-    mean = mean.repeat_interleave(per_channel, dim=1)
-    invstd = torch.rsqrt(var + eps).repeat_interleave(per_channel, dim=1)
-    scale = invstd if weight is None else invstd * weight.to(acc)
-    shift = x.new_zeros((n, c), dtype=acc) if bias is None else bias.to(acc).expand(n, c).contiguous()
-    return NormAffine(mean, scale, shift, None)
+    return NormAffine(*ops.group_norm_affine(x, num_groups, weight, bias, float(eps)), None)
 
 
 def affine_act_conv2d(x, affine: NormAffine, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,

@@ -70,6 +70,12 @@ def _group_stats_backward_fake(x, mean, grad_mean, grad_var):
     return torch.empty_like(x, memory_format=kernel_format(x))
 
 
+@torch.library.register_fake("resfast::group_norm_affine")
+def _group_norm_affine_fake(x, num_groups, weight, bias, eps):
+    shape = (x.shape[0], x.shape[1])
+    return tuple(x.new_empty(shape, dtype=accumulation_dtype(x.dtype)) for _ in range(3))
+
+
 @torch.library.register_fake("resfast::group_norm")
 def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
     acc = accumulation_dtype(x.dtype)
