@@ -13,9 +13,12 @@ TORCH_LIBRARY(resfast, m) {
   // mean/scale/shift are per channel, shape (C,), or per sample and channel,
   // shape (N, C). The activation is rounded to weight's dtype before the
   // convolution, so x may be float32 with a half/bfloat16 weight (autocast).
-  // batch_invstd marks training-mode BatchNorm: mean and scale are x's batch
-  // mean and gamma * batch_invstd, and the gradient with respect to x includes
-  // their dependence on x (the forward does not read it).
+  // batch_invstd marks normalisation by x's own statistics, whose dependence
+  // on x the gradient with respect to x then includes (the forward does not
+  // read it): training-mode BatchNorm, shape (C,), mean and scale are x's
+  // batch mean and gamma * batch_invstd; GroupNorm, shape (N, G), mean[n, c]
+  // and scale[n, c] are the mean of x's group (n, c // (C / G)) and
+  // gamma[c] * batch_invstd[n, c // (C / G)].
   m.def(
       "norm_act_conv2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
       "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
@@ -45,8 +48,10 @@ TORCH_LIBRARY(resfast, m) {
   // convolution-backward call. With dz = act'(z) * conv2d_input_grad(grad_out):
   // grad_scale = sum(dz * (x - mean)) and grad_shift = sum(dz), shaped like
   // scale; grad_x = dz * scale, plus, with batch_invstd, the gradient through
-  // the batch statistics:
-  //   - scale * (grad_shift + (x - mean) * batch_invstd^2 * grad_scale) / count;
+  // the statistics, per channel (BatchNorm, count = N * H * W):
+  //   - scale * (grad_shift + (x - mean) * batch_invstd^2 * grad_scale) / count,
+  // and for GroupNorm the same with scale * grad_shift and scale * grad_scale
+  // summed over each group's channels (count = C / G * H * W);
   // grad_weight recomputes act(z) from x. output_mask = (input side, weight);
   // masked-off outputs are undefined (None).
   m.def(
@@ -76,9 +81,11 @@ TORCH_LIBRARY(resfast, m) {
   // GroupNorm as the fused conv unit's per-(sample, channel) (N, C)
   // normalisation: mean[n, c] = mean[n, g], scale[n, c] = rstd[n, g] *
   // weight[c], shift[n, c] = bias[c] (or 1 and 0 without weight and bias),
-  // float32 (float64 for float64 input). Differentiable with respect to x
-  // (through group_stats), weight and bias.
+  // and rstd = 1 / sqrt(var + eps), (N, G); float32 (float64 for float64
+  // input). Differentiable with respect to weight and bias only: the fused
+  // unit given rstd as its batch_invstd adds x's share of the statistics'
+  // gradient to its own input gradient, as for BatchNorm.
   m.def(
       "group_norm_affine(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) "
-      "-> (Tensor mean, Tensor scale, Tensor shift)");
+      "-> (Tensor mean, Tensor scale, Tensor shift, Tensor rstd)");
 }

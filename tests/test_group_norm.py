@@ -133,10 +133,19 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *t: resfast.ops.group_norm(*t[:1], 2, *t[1:], activation="silu"),
                                     (x, w, b))
     assert torch.autograd.gradcheck(lambda t: torch.ops.resfast.group_stats(t, 2), (x,))
-    for affine in ((w, b), (None, None), (w, None)):
-        assert torch.autograd.gradcheck(
-            lambda *t: torch.ops.resfast.group_norm_affine(t[0], 2, *t[1:], *[None] * (3 - len(t)), 1e-5),
-            (x, *[p for p in affine if p is not None]))
+
+    # GroupNorm → SiLU → conv: x's gradient through the group statistics is
+    # folded into the fused op's (batch_invstd), weight's and bias's come
+    # through group_norm_affine's scale and shift.
+    conv_w = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def unit(x, conv_w, *affine):
+        weight, bias = (affine + (None, None))[:2]
+        norm = resfast.ops.group_norm_affine(x, 2, weight, bias, 1e-5)
+        return resfast.ops.affine_act_conv2d(x, norm, conv_w, padding=1, activation="silu")
+
+    for affine in ((w, b), (), (w,)):
+        assert torch.autograd.gradcheck(unit, (x, conv_w, *affine))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,9 +153,10 @@ def test_group_norm_affine_spreads_the_statistics(backend):
     x = torch.randn(2, 6, 5, 3) * 2 + 1
     w, b = torch.rand(6) + 0.5, torch.randn(6)
     with resfast.backend(backend):
-        mean, scale, shift = torch.ops.resfast.group_norm_affine(x, 3, w, b, 1e-3)
+        mean, scale, shift, rstd = torch.ops.resfast.group_norm_affine(x, 3, w, b, 1e-3)
         plain = torch.ops.resfast.group_norm_affine(x, 3, None, None, 1e-3)
     var64, mean64 = torch.var_mean(x.double().reshape(2, 3, -1), dim=2, unbiased=False)
+    assert_close(rstd, (var64 + 1e-3).rsqrt(), torch.float32, "rstd")
     rstd64 = (var64 + 1e-3).rsqrt().repeat_interleave(2, 1)
     assert_close(mean, mean64.repeat_interleave(2, 1), torch.float32, "mean")
     assert_close(scale, rstd64 * w.double(), torch.float32, "scale")

@@ -105,7 +105,7 @@ at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mea
     for_each_run(g, StatsGrad<scalar_t, acc_t, /*accumulate=*/false>{
                         x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
                         gm.const_data_ptr<acc_t>(), gv.const_data_ptr<acc_t>(),
-                        acc_t(1) / static_cast<acc_t>(g.n * g.hw), g.c});
+                        acc_t(1) / static_cast<acc_t>(g.n * g.hw), g.c, /*sample_stride=*/0});
   });
   return grad_x;
 }

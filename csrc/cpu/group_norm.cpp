@@ -284,6 +284,27 @@ std::tuple<at::Tensor, at::Tensor> group_stats(const at::Tensor& input, int64_t 
   return stats(input.contiguous(kernel_format(input)), gg);
 }
 
+// group_stats and the (N, C) spread of its result in one call (see ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine(const at::Tensor& input,
+                                                                             int64_t num_groups,
+                                                                             const std::optional<at::Tensor>& weight,
+                                                                             const std::optional<at::Tensor>& bias,
+                                                                             double eps) {
+  const GroupGeometry gg = check_groups(input, num_groups);
+  check_affine(input, weight, "weight");
+  check_affine(input, bias, "bias");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  auto [mean, rstd] = stats(input.contiguous(kernel_format(input)), gg);
+  std::array<at::Tensor, 3> params;
+  AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "group_norm_affine", [&] {
+    scalar_t* r = rstd.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < rstd.numel(); ++k) r[k] = inverse_std(r[k], eps);
+    const auto [w, b] = affine_vectors<scalar_t>(weight, bias, gg.g.c);
+    params = channel_params<scalar_t>(mean, rstd, w, b, gg);
+  });
+  return {params[0], params[1], params[2], rstd};
+}
+
 at::Tensor group_stats_backward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& grad_mean,
                                 const at::Tensor& grad_var) {
   check_activation_input(input, "x");
@@ -496,6 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("group_stats", &group_stats);
   m.impl("group_stats_backward", &group_stats_backward);
+  m.impl("group_norm_affine", &group_norm_affine);
   m.impl("group_norm", &group_norm);
   m.impl("group_norm_backward", &group_norm_backward);
 }

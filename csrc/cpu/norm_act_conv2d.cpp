@@ -61,13 +61,20 @@ at::Tensor normalize_activate(const UnitArgs& u, at::ScalarType dtype) {
   return out;
 }
 
-// batch_invstd: (C,) like a per-channel mean, with per-channel parameters.
+// batch_invstd: (C,) with per-channel parameters (BatchNorm), or (N, G) with
+// per-(sample, channel) ones, G dividing C (GroupNorm).
 void check_batch_invstd(const UnitArgs& u, const std::optional<at::Tensor>& batch_invstd) {
   if (!batch_invstd.has_value()) return;
-  TORCH_CHECK_VALUE(u.mean.dim() == 1, "batch_invstd: needs per-channel (C,) mean/scale/shift, got ",
-                    u.mean.sizes());
-  TORCH_CHECK_VALUE(batch_invstd->sizes() == u.mean.sizes(), "batch_invstd: expected shape ",
-                    u.mean.sizes(), ", got ", batch_invstd->sizes());
+  if (u.mean.dim() == 1) {
+    TORCH_CHECK_VALUE(batch_invstd->sizes() == u.mean.sizes(), "batch_invstd: expected shape ", u.mean.sizes(),
+                      " like the per-channel mean, got ", batch_invstd->sizes());
+  } else {
+    TORCH_CHECK_VALUE(batch_invstd->dim() == 2 && batch_invstd->size(0) == u.mean.size(0) &&
+                          batch_invstd->size(1) > 0 && u.mean.size(1) % batch_invstd->size(1) == 0,
+                      "batch_invstd: expected shape (", u.mean.size(0),
+                      ", G) with G groups dividing the per-sample mean's ", u.mean.size(1), " channels, got ",
+                      batch_invstd->sizes());
+  }
   TORCH_CHECK_TYPE(batch_invstd->scalar_type() == u.mean.scalar_type(), "batch_invstd: expected dtype ",
                    u.mean.scalar_type(), ", got ", batch_invstd->scalar_type());
 }
@@ -191,28 +198,45 @@ void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Ten
                    weight.scalar_type(), ", got ", grad_out.scalar_type());
 }
 
-// Training-mode BatchNorm: mean = mean(x) and scale = gamma * invstd(x), so
-// x also reaches the loss through them: d/dmean = -scale * sum(dz) and
-// d/dvar = -scale * invstd^2 * sum(dz * (x - mean)) / 2, which
-// channel_stats_grad turns into each value's share, added to grad_x in place.
-void add_batch_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, const at::Tensor& grad_scale,
-                          const at::Tensor& grad_shift, at::Tensor& grad_x) {
+// mean and scale are x's own statistics: BatchNorm's per channel, mean(x)
+// and gamma * invstd(x), or GroupNorm's per (sample, group), mean[n, c] =
+// mean(x[n, g]) and scale[n, c] = gamma[c] * invstd[n, g]. So x also reaches
+// the loss through them: d/dmean = -sum(scale * dz) and d/dvar =
+// -invstd^2 / 2 * sum(scale * dz * (x - mean)), summed over the statistic's
+// channels, which channel_stats_grad turns into each value's share, added to
+// grad_x in place.
+void add_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, const at::Tensor& grad_scale,
+                    const at::Tensor& grad_shift, at::Tensor& grad_x) {
   const Geometry g = geometry(u.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.x.scalar_type(), "batch_stats_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.x.scalar_type(), "stats_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor invstd = batch_invstd.contiguous();
     const acc_t* scale = u.scale.const_data_ptr<acc_t>();
     const acc_t* inv = invstd.const_data_ptr<acc_t>();
     const acc_t* gsc = grad_scale.const_data_ptr<acc_t>();
     const acc_t* gsh = grad_shift.const_data_ptr<acc_t>();
-    std::vector<acc_t> grad_mean(g.c), grad_var(g.c);
-    for (int64_t c = 0; c < g.c; ++c) {
-      grad_mean[c] = -scale[c] * gsh[c];
-      grad_var[c] = acc_t(-0.5) * scale[c] * inv[c] * inv[c] * gsc[c];
+    // Per (n, c) of the parameters' shape: (C,) is one "sample" of C groups of 1.
+    const bool per_sample = u.scale.dim() == 2;
+    const int64_t samples = per_sample ? g.n : 1, groups = invstd.size(-1), per_group = g.c / groups;
+    std::vector<acc_t> grad_mean(samples * g.c), grad_var(samples * g.c);
+    for (int64_t n = 0; n < samples; ++n) {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        acc_t gm = 0, gv = 0;
+        for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+          gm -= scale[n * g.c + c] * gsh[n * g.c + c];
+          gv += scale[n * g.c + c] * gsc[n * g.c + c];
+        }
+        const acc_t r = inv[n * groups + grp];
+        gv *= acc_t(-0.5) * r * r;
+        std::fill_n(grad_mean.begin() + n * g.c + grp * per_group, per_group, gm);
+        std::fill_n(grad_var.begin() + n * g.c + grp * per_group, per_group, gv);
+      }
     }
+    const int64_t count = per_sample ? per_group * g.hw : g.n * g.hw;
     for_each_run(g, StatsGrad<scalar_t, acc_t, /*accumulate=*/true>{
                         u.x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), u.mean.const_data_ptr<acc_t>(),
-                        grad_mean.data(), grad_var.data(), acc_t(1) / static_cast<acc_t>(g.n * g.hw), g.c});
+                        grad_mean.data(), grad_var.data(), acc_t(1) / static_cast<acc_t>(count), g.c,
+                        per_sample ? g.c : 0});
   });
 }
 
@@ -277,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
       }
     }
   });
-  if (batch_invstd.has_value()) add_batch_stats_grad(u, *batch_invstd, grad_scale, grad_shift, grad_x);
+  if (batch_invstd.has_value()) add_stats_grad(u, *batch_invstd, grad_scale, grad_shift, grad_x);
   return {grad_x, grad_scale, grad_shift, grad_weight};
 }
 

@@ -20,11 +20,12 @@ def norm_act_conv2d_stats(impls, x, mean, scale, shift, weight, bias, residual, 
 def group_norm_affine(impls, x, num_groups, weight, bias, eps):
     mean, var = impls["group_stats"](x, num_groups)
     per_group = x.shape[1] // num_groups
-    scale = torch.rsqrt(var + eps).repeat_interleave(per_group, 1)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd.repeat_interleave(per_group, 1)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
     shift = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype).expand_as(scale).contiguous()
-    return mean.repeat_interleave(per_group, 1), scale, shift
+    return mean.repeat_interleave(per_group, 1), scale, shift, rstd
 
 
 COMPOSITES = {"norm_act_conv2d_stats": norm_act_conv2d_stats, "group_norm_affine": group_norm_affine}

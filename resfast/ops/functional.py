@@ -75,9 +75,11 @@ def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, str
     """conv2d(act((x - mean) * scale + shift), weight, bias) + residual, fused:
     the normalised activation is never stored; backward recomputes it.
 
-    batch_invstd: for training-mode BatchNorm, the batch's 1/sqrt(var + eps)
-    when mean and scale = gamma * batch_invstd are x's batch statistics
-    (computed without autograd); x's gradient then includes theirs."""
+    batch_invstd: when mean and scale are x's own statistics (computed
+    without autograd), their 1/sqrt(var + eps): (C,) for training-mode
+    BatchNorm, scale = gamma * batch_invstd; (N, G) for GroupNorm with G
+    groups, per-(sample, channel) mean and scale = gamma * batch_invstd of
+    the channel's group. x's gradient then includes the statistics'."""
     x, weight, bias, stride, padding, dilation = _unit_args(x, mean, scale, shift, weight, bias, residual, stride,
                                                             padding, dilation, groups, activation)
     fused_residual = residual if residual is not None and residual.dtype == weight.dtype else None
@@ -145,8 +147,9 @@ def _check_finite(name, value, low=None):
 
 class NormAffine(NamedTuple):
     """A normalisation as the fused op applies it: act((x - mean) * scale + shift).
-    batch_invstd is set when mean and scale come from x's own batch statistics
-    (training-mode BatchNorm), whose gradient the fused op then includes."""
+    batch_invstd is set when mean and scale come from x's own statistics
+    (training-mode BatchNorm, GroupNorm), whose gradient the fused op then
+    includes (see norm_act_conv2d)."""
 
     mean: torch.Tensor
     scale: torch.Tensor
@@ -251,12 +254,13 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation="iden
 
 def group_norm_affine(x, num_groups, weight, bias, eps) -> NormAffine:
     """GroupNorm of x (F.group_norm's arguments) as a per-(sample, channel)
-    NormAffine, from the differentiable group_norm_affine op: its statistics
-    read x in place (no copy, either layout), and the fused op's gradients
-    with respect to mean and scale reach x, weight and bias through it."""
+    NormAffine whose batch_invstd is the (N, G) 1/sqrt(var + eps): the
+    statistics read x in place (no copy, either layout), and the fused op
+    folds their gradient into its own input gradient, as for training-mode
+    BatchNorm; weight and bias get theirs through scale and shift."""
     check_activation_input(x)
     _check_group_norm_args(x, num_groups, weight, bias, eps)
-    return NormAffine(*ops.group_norm_affine(x, num_groups, weight, bias, float(eps)), None)
+    return NormAffine(*ops.group_norm_affine(x, num_groups, weight, bias, float(eps)))
 
 
 def affine_act_conv2d(x, affine: NormAffine, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,

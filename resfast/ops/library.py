@@ -72,8 +72,9 @@ def _group_stats_backward_fake(x, mean, grad_mean, grad_var):
 
 @torch.library.register_fake("resfast::group_norm_affine")
 def _group_norm_affine_fake(x, num_groups, weight, bias, eps):
-    shape = (x.shape[0], x.shape[1])
-    return tuple(x.new_empty(shape, dtype=accumulation_dtype(x.dtype)) for _ in range(3))
+    acc = accumulation_dtype(x.dtype)
+    per_channel = tuple(x.new_empty((x.shape[0], x.shape[1]), dtype=acc) for _ in range(3))
+    return *per_channel, x.new_empty((x.shape[0], num_groups), dtype=acc)
 
 
 @torch.library.register_fake("resfast::group_norm")

@@ -62,6 +62,25 @@ def norm_act_conv2d_into(x, mean, scale, shift, weight, bias, residual, stride, 
     return m.to(acc), var.to(acc)
 
 
+def _stats_grad(x, centered, scale, grad_scale, grad_shift, invstd):
+    """mean and scale are x's own statistics (BatchNorm's per channel,
+    GroupNorm's per (sample, group)): their share of x's gradient."""
+    if scale.dim() == 1:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        grad_mean, grad_var = -scale * grad_shift, -0.5 * invstd**2 * scale * grad_scale
+    else:
+        n, c = scale.shape
+        per_group = c // invstd.shape[1]
+        count = per_group * x.shape[2] * x.shape[3]
+
+        def per_group_sum(t):
+            return t.reshape(n, -1, per_group).sum(2).repeat_interleave(per_group, 1)
+
+        grad_mean = -per_group_sum(scale * grad_shift)
+        grad_var = -0.5 * invstd.repeat_interleave(per_group, 1)**2 * per_group_sum(scale * grad_scale)
+    return (_per_element(grad_mean) + 2 * _per_element(grad_var) * centered) / count
+
+
 def _backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
                     batch_invstd):
     z = _normalize(x, mean, scale, shift)
@@ -72,10 +91,7 @@ def _backward_input(grad_out, x, mean, scale, shift, weight, stride, padding, di
     grad_scale, grad_shift = (dz * centered).sum(dims), dz.sum(dims)
     grad_x = dz * _per_element(scale)
     if batch_invstd is not None:
-        # mean and scale are x's batch statistics: their gradient reaches x too.
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        grad_x = grad_x - _per_element(scale) * (
-            _per_element(grad_shift) + centered * _per_element(batch_invstd**2 * grad_scale)) / count
+        grad_x = grad_x + _stats_grad(x, centered, scale, grad_scale, grad_shift, batch_invstd)
     grad_x = grad_x.to(x.dtype).contiguous(memory_format=kernel_format(x))
     return grad_x, grad_scale.to(scale.dtype), grad_shift.to(scale.dtype)
 

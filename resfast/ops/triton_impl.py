@@ -113,11 +113,27 @@ def _per_sample_params(x, mean, scale, shift, batch_invstd):
     for name, p in (("mean", mean), ("scale", scale), ("shift", shift)):
         if tuple(p.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{name}: expected shape {tuple(x.shape[:2])} like mean, got {tuple(p.shape)}")
-    if batch_invstd is not None:
-        raise ValueError("batch_invstd: needs per-channel (C,) mean/scale/shift")
+    if batch_invstd is not None and (batch_invstd.dim() != 2 or batch_invstd.shape[0] != x.shape[0]
+                                     or x.shape[1] % max(batch_invstd.shape[1], 1) or not batch_invstd.shape[1]):
+        raise ValueError(f"batch_invstd: expected shape ({x.shape[0]}, G) with G groups dividing the per-sample "
+                         f"mean's {x.shape[1]} channels, got {tuple(batch_invstd.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"x: per-sample parameters need at least one sample, got shape {tuple(x.shape)}")
     return True
+
+
+def _group_stats_grad(x, mean, scale, grad_scale, grad_shift, invstd):
+    """mean and scale are x's GroupNorm statistics (mean[n, c] the group's
+    mean, scale[n, c] = gamma[c] * invstd[n, g]): their share of x's gradient."""
+    n, c = scale.shape
+    groups = invstd.shape[1]
+
+    def per_group_sum(t):
+        return t.reshape(n, groups, -1).sum(2)
+
+    grad_mean = -per_group_sum(scale * grad_shift)
+    grad_var = -0.5 * invstd * invstd * per_group_sum(scale * grad_scale)
+    return group_stats_backward(x, mean[:, ::c // groups].contiguous(), grad_mean, grad_var)
 
 
 def norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
@@ -157,6 +173,8 @@ def norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, pa
         if output_mask[0]:
             grad_x = torch.cat([o[0] for o in outs]).contiguous(memory_format=kernel_format(x))
             grad_scale, grad_shift = torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+            if batch_invstd is not None:
+                grad_x = grad_x + _group_stats_grad(x, mean, scale, grad_scale, grad_shift, batch_invstd)
         if output_mask[1]:
             grad_weight = torch.stack([o[3].float() for o in outs]).sum(0).to(weight.dtype)
             grad_weight = grad_weight.contiguous(memory_format=kernel_format(weight))
