@@ -279,6 +279,16 @@ std::array<at::Tensor, 3> channel_params(const at::Tensor& mean, const at::Tenso
   return out;
 }
 
+// (N, G) mean and rstd = 1 / sqrt(var + eps) of x (in its kernel format).
+std::tuple<at::Tensor, at::Tensor> mean_rstd(const at::Tensor& x, const GroupGeometry& gg, double eps) {
+  auto [mean, rstd] = stats(x, gg);
+  AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "group_rstd", [&] {
+    scalar_t* r = rstd.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < rstd.numel(); ++k) r[k] = inverse_std(r[k], eps);
+  });
+  return {mean, rstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> group_stats(const at::Tensor& input, int64_t num_groups) {
   const GroupGeometry gg = check_groups(input, num_groups);
   return stats(input.contiguous(kernel_format(input)), gg);
@@ -294,11 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine(con
   check_affine(input, weight, "weight");
   check_affine(input, bias, "bias");
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
-  auto [mean, rstd] = stats(input.contiguous(kernel_format(input)), gg);
+  auto [mean, rstd] = mean_rstd(input.contiguous(kernel_format(input)), gg, eps);
   std::array<at::Tensor, 3> params;
   AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "group_norm_affine", [&] {
-    scalar_t* r = rstd.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < rstd.numel(); ++k) r[k] = inverse_std(r[k], eps);
     const auto [w, b] = affine_vectors<scalar_t>(weight, bias, gg.g.c);
     params = channel_params<scalar_t>(mean, rstd, w, b, gg);
   });
@@ -352,23 +360,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& inpu
   const at::MemoryFormat format = kernel_format(input);
   const at::Tensor x = input.contiguous(format);
   const Geometry& g = gg.g;
-  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
-  at::Tensor mean = at::empty({g.n, gg.groups}, acc_opts), rstd = at::empty({g.n, gg.groups}, acc_opts);
+  at::Tensor mean, rstd;
   at::Tensor y = at::empty_like(x, x.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [w, b] = affine_vectors<acc_t>(weight, bias, g.c);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    acc_t *pm = mean.data_ptr<acc_t>(), *pr = rstd.data_ptr<acc_t>();
     dispatch_activation(act, [&](auto a) {
       using Normalize = NormalizeActivate<scalar_t, scalar_t, acc_t, decltype(a)::value>;
       if (!by_group(gg, x.element_size())) {
-        group_moments<scalar_t>(x, gg, mean, rstd);
-        for (int64_t k = 0; k < rstd.numel(); ++k) pr[k] = inverse_std(pr[k], eps);
+        std::tie(mean, rstd) = mean_rstd(x, gg, eps);
         const auto params = channel_params<acc_t>(mean, rstd, w, b, gg);
         for_each_run(g, Normalize{px, y.data_ptr<scalar_t>(), NormParams<acc_t>(params[0], params[1], params[2]), g.c});
         return;
       }
+      const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+      mean = at::empty({g.n, gg.groups}, acc_opts);
+      rstd = at::empty({g.n, gg.groups}, acc_opts);
+      acc_t *pm = mean.data_ptr<acc_t>(), *pr = rstd.data_ptr<acc_t>();
       const std::vector<acc_t> pivot = group_pivots(px, gg);
       const GroupShiftedSums<scalar_t> shifted_sums{px, pivot.data(), g.c};
       std::vector<double> sums(g.n * g.c * 2);

@@ -104,19 +104,21 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
 
 
 def _per_sample_params(x, mean, scale, shift, batch_invstd):
-    """True for (N, C) parameters (GroupNorm). The convolution kernels index
-    parameters by channel only, so such units run one sample at a time: correct,
-    but N launches; a sample stride in the kernels' prologue and per-sample
-    dgrad sums would fuse them (not done yet)."""
+    """True for (N, C) parameters (GroupNorm, with batch_invstd, if given,
+    (N, G)). The convolution kernels index parameters by channel only, so such
+    units run one sample at a time: correct, but N launches; a sample stride
+    in the kernels' prologue and per-sample dgrad sums would fuse them (not
+    done yet)."""
     if mean.dim() != 2:
         return False
     for name, p in (("mean", mean), ("scale", scale), ("shift", shift)):
         if tuple(p.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{name}: expected shape {tuple(x.shape[:2])} like mean, got {tuple(p.shape)}")
-    if batch_invstd is not None and (batch_invstd.dim() != 2 or batch_invstd.shape[0] != x.shape[0]
-                                     or x.shape[1] % max(batch_invstd.shape[1], 1) or not batch_invstd.shape[1]):
-        raise ValueError(f"batch_invstd: expected shape ({x.shape[0]}, G) with G groups dividing the per-sample "
-                         f"mean's {x.shape[1]} channels, got {tuple(batch_invstd.shape)}")
+    if batch_invstd is not None:
+        groups = batch_invstd.shape[1] if batch_invstd.dim() == 2 else 0
+        if tuple(batch_invstd.shape) != (x.shape[0], groups) or not groups or x.shape[1] % groups:
+            raise ValueError(f"batch_invstd: expected shape ({x.shape[0]}, G) with G groups dividing the "
+                             f"per-sample mean's {x.shape[1]} channels, got {tuple(batch_invstd.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"x: per-sample parameters need at least one sample, got shape {tuple(x.shape)}")
     return True
