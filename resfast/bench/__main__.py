@@ -12,7 +12,7 @@ import torch
 import resfast
 from resfast.bench.cases import QUICK_SUITES, SUITES
 from resfast.bench.roofline import measure_peaks, step_flops, step_min_bytes
-from resfast.bench.timing import TRAINING_STEP, saved_activation_bytes, step_fn, time_interleaved
+from resfast.bench.timing import TRAINING_STEP, keep_freed_memory, saved_activation_bytes, step_fn, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -184,6 +184,8 @@ def main(argv=None):
     if not cases:
         sys.exit(f"resfast-bench: no case matches --filter {args.filter!r}")
     env = environment(device)
+    if device.type == "cpu":
+        env["malloc"] = keep_freed_memory()
     peaks = None
     if device.type == "cuda" if args.roofline is None else args.roofline:
         # Smaller probes on a CPU, where an 8192^3 matmul takes seconds.

@@ -29,7 +29,8 @@ def table(result, source):
     lines = [
         f"**{env['device']}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
         f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date'][:10]} "
-        f"(`{source}`); training step: {env.get('training_step', _SUM_STEP)}",
+        f"(`{source}`); training step: {env.get('training_step', _SUM_STEP)}"
+        + (f"; {env['malloc']}" if env.get("malloc") else ""),
         "",
         "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |"
         + extra_head,

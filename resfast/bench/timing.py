@@ -1,9 +1,29 @@
 """Side-by-side timing: providers run interleaved, warmed up, medians reported."""
 
+import ctypes
 import statistics
 import time
 
 import torch
+
+
+def keep_freed_memory():
+    """Make glibc's malloc serve every allocation from its heap and keep what
+    is freed, instead of mapping large blocks anew for each allocation and
+    unmapping them on free. By default every step page-faults its
+    activations afresh: on this benchmark's VM that cost more than the
+    convolutions (one 1x1 unit's forward took 21 to 93 ms instead of 5) and
+    swamped every ratio, eager's and resfast's alike. PyTorch's CPU tuning
+    guide suggests a caching malloc (jemalloc, tcmalloc) for the same reason.
+    Returns the setting, for the results, or None without glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    m_trim_threshold, m_mmap_max = -1, -4
+    if not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)):
+        return None
+    return "glibc malloc: no mmap, no trim (freed memory kept for reuse)"
 
 
 def _timer(device):
