@@ -135,10 +135,18 @@ RESFAST_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
 }
 
+// a + b * (x - mean), centred so that large-mean inputs stay exact: with
+// a = grad_mean / m and b = 2 grad_var / m, the gradient of a (mean, biased
+// variance) over m values with respect to one value x.
+template <typename acc_t>
+RESFAST_HD acc_t centered_affine(acc_t x, acc_t mean, acc_t a, acc_t b) {
+  return a + b * (x - mean);
+}
+
 // Gradient of (mean, biased variance) over m values with respect to one value x.
 template <typename acc_t>
 RESFAST_HD acc_t channel_stats_grad(acc_t x, acc_t mean, acc_t grad_mean, acc_t grad_var, acc_t inv_m) {
-  return (grad_mean + acc_t(2) * grad_var * (x - mean)) * inv_m;
+  return centered_affine(x, mean, grad_mean * inv_m, acc_t(2) * grad_var * inv_m);
 }
 
 }  // namespace resfast

@@ -102,10 +102,18 @@ at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mea
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_each_run(g, StatsGrad<scalar_t, acc_t, /*accumulate=*/false>{
+    // channel_stats_grad's a and b per channel, computed once.
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(g.n * g.hw);
+    const acc_t* pgm = gm.const_data_ptr<acc_t>();
+    const acc_t* pgv = gv.const_data_ptr<acc_t>();
+    std::vector<acc_t> a(g.c), b(g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      a[c] = pgm[c] * inv_count;
+      b[c] = acc_t(2) * pgv[c] * inv_count;
+    }
+    for_each_run(g, CenteredAffineGrad<scalar_t, acc_t, /*kAccumulate=*/false>{
                         x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-                        gm.const_data_ptr<acc_t>(), gv.const_data_ptr<acc_t>(),
-                        acc_t(1) / static_cast<acc_t>(g.n * g.hw), g.c, /*sample_stride=*/0});
+                        a.data(), b.data(), g.c, /*sample_stride=*/0});
   });
   return grad_x;
 }

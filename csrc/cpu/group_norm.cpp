@@ -21,6 +21,7 @@
 #include "channel_loops.h"
 #include "dispatch.h"
 #include "norm_act_passes.h"
+#include "stats_grad.h"
 
 namespace resfast::cpu {
 namespace {
@@ -55,49 +56,6 @@ struct GroupShiftedSums {
       const sum_t d = static_cast<sum_t>(xr[c]) - pv[c];
       sum[c] += d;
       sum_sq[c] += d * d;
-    }
-  }
-};
-
-// grad_x = coef_a[n, c] + coef_b[n, c] * (x - mean[n, c]), added to what
-// grad_x holds with kAccumulate: the input gradient of the group statistics
-// and, on top of the activation's dz * scale, of GroupNorm (+ activation).
-// The centred form keeps large-mean inputs exact.
-template <typename scalar_t, typename acc_t, bool kAccumulate>
-struct GroupInputGrad {
-  const scalar_t* __restrict__ x;
-  scalar_t* __restrict__ grad_x;
-  const acc_t* __restrict__ mean;
-  const acc_t* __restrict__ coef_a;
-  const acc_t* __restrict__ coef_b;
-  int64_t channels;
-
-  static void store(scalar_t& out, acc_t xv, acc_t m, acc_t ca, acc_t cb) {
-    const acc_t g = ca + cb * (xv - m);
-    out = static_cast<scalar_t>(kAccumulate ? static_cast<acc_t>(out) + g : g);
-  }
-
-  void plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
-    const int64_t k = n * channels + c;
-    const acc_t m = mean[k], ca = coef_a[k], cb = coef_b[k];
-    const scalar_t* __restrict__ xp = x + x_offset;
-    scalar_t* __restrict__ gx = grad_x + offset;
-#pragma omp simd
-    for (int64_t i = 0; i < length; ++i) {
-      store(gx[i], static_cast<acc_t>(xp[i]), m, ca, cb);
-    }
-  }
-
-  void row(int64_t n, int64_t offset, int64_t x_offset) const {
-    const int64_t k0 = n * channels;
-    const acc_t* __restrict__ m = mean + k0;
-    const acc_t* __restrict__ ca = coef_a + k0;
-    const acc_t* __restrict__ cb = coef_b + k0;
-    const scalar_t* __restrict__ xr = x + x_offset;
-    scalar_t* __restrict__ gx = grad_x + offset;
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      store(gx[c], static_cast<acc_t>(xr[c]), m[c], ca[c], cb[c]);
     }
   }
 };
@@ -341,9 +299,9 @@ at::Tensor group_stats_backward(const at::Tensor& input, const at::Tensor& mean,
         pb[n * gg.g.c + c] = static_cast<acc_t>(2 * pgv[grp] * inv_count);
       }
     }
-    for_each_run(gg.g, GroupInputGrad<scalar_t, acc_t, /*kAccumulate=*/false>{
+    for_each_run(gg.g, CenteredAffineGrad<scalar_t, acc_t, /*kAccumulate=*/false>{
                            x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), pm.const_data_ptr<acc_t>(),
-                           pa, pb, gg.g.c});
+                           pa, pb, gg.g.c, /*sample_stride=*/gg.g.c});
   });
   return grad_x;
 }
@@ -456,8 +414,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
     std::vector<acc_t> coef_a(want_x ? g.n * g.c : 0), coef_b(want_x ? g.n * g.c : 0);
     if (want_x) grad_x = at::empty_like(x);
     scalar_t* pgx = want_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    const GroupInputGrad<scalar_t, acc_t, /*kAccumulate=*/true> input_grad{px, pgx, p.mean, coef_a.data(),
-                                                                          coef_b.data(), g.c};
+    const CenteredAffineGrad<scalar_t, acc_t, /*kAccumulate=*/true> input_grad{
+        px, pgx, p.mean, coef_a.data(), coef_b.data(), g.c, /*sample_stride=*/g.c};
     const auto fill_coefs = [&](const std::vector<double>& sums, int64_t n, int64_t grp) {
       const auto [ca, cb] = input_grad_coefs(sums.data(), w, pr[n * gg.groups + grp], gg, n, grp);
       const int64_t k0 = n * g.c + gg.first_channel(grp);

@@ -203,8 +203,8 @@ void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Ten
 // mean(x[n, g]) and scale[n, c] = gamma[c] * invstd[n, g]. So x also reaches
 // the loss through them: d/dmean = -sum(scale * dz) and d/dvar =
 // -invstd^2 / 2 * sum(scale * dz * (x - mean)), summed over the statistic's
-// channels, which channel_stats_grad turns into each value's share, added to
-// grad_x in place.
+// channels, and each value's share, (d/dmean + 2 d/dvar (x - mean)) / M, is
+// added to grad_x in place.
 void add_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, const at::Tensor& grad_scale,
                     const at::Tensor& grad_shift, at::Tensor& grad_x) {
   const Geometry g = geometry(u.x);
@@ -218,25 +218,24 @@ void add_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, const at:
     // Per (n, c) of the parameters' shape: (C,) is one "sample" of C groups of 1.
     const bool per_sample = u.scale.dim() == 2;
     const int64_t samples = per_sample ? g.n : 1, groups = invstd.size(-1), per_group = g.c / groups;
-    std::vector<acc_t> grad_mean(samples * g.c), grad_var(samples * g.c);
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(per_sample ? per_group * g.hw : g.n * g.hw);
+    std::vector<acc_t> a(samples * g.c), b(samples * g.c);
     for (int64_t n = 0; n < samples; ++n) {
       for (int64_t grp = 0; grp < groups; ++grp) {
-        acc_t gm = 0, gv = 0;
+        acc_t grad_mean = 0, grad_var = 0;
         for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-          gm -= scale[n * g.c + c] * gsh[n * g.c + c];
-          gv += scale[n * g.c + c] * gsc[n * g.c + c];
+          grad_mean -= scale[n * g.c + c] * gsh[n * g.c + c];
+          grad_var += scale[n * g.c + c] * gsc[n * g.c + c];
         }
         const acc_t r = inv[n * groups + grp];
-        gv *= acc_t(-0.5) * r * r;
-        std::fill_n(grad_mean.begin() + n * g.c + grp * per_group, per_group, gm);
-        std::fill_n(grad_var.begin() + n * g.c + grp * per_group, per_group, gv);
+        grad_var *= acc_t(-0.5) * r * r;
+        std::fill_n(a.begin() + n * g.c + grp * per_group, per_group, grad_mean * inv_count);
+        std::fill_n(b.begin() + n * g.c + grp * per_group, per_group, acc_t(2) * grad_var * inv_count);
       }
     }
-    const int64_t count = per_sample ? per_group * g.hw : g.n * g.hw;
-    for_each_run(g, StatsGrad<scalar_t, acc_t, /*accumulate=*/true>{
+    for_each_run(g, CenteredAffineGrad<scalar_t, acc_t, /*kAccumulate=*/true>{
                         u.x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), u.mean.const_data_ptr<acc_t>(),
-                        grad_mean.data(), grad_var.data(), acc_t(1) / static_cast<acc_t>(count), g.c,
-                        per_sample ? g.c : 0});
+                        a.data(), b.data(), g.c, per_sample ? g.c : 0});
   });
 }
 
