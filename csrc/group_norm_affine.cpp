@@ -10,6 +10,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+
 namespace resfast {
 namespace {
 
@@ -22,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine(
   static const auto group_stats = c10::Dispatcher::singleton()
                                       .findSchemaOrThrow("resfast::group_stats", "")
                                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  check_group_norm_params(x, weight, bias, eps);
   const auto [mean, var] = group_stats.call(x, num_groups);
   const int64_t n = x.size(0), c = x.size(1);
   at::Tensor rstd = (var + eps).rsqrt();
@@ -52,8 +55,12 @@ class GroupNormAffine : public torch::autograd::Function<GroupNormAffine> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [mean, scale, shift, rstd] = op.call(x, num_groups, weight, bias, eps);
     ctx->save_for_backward({rstd});
-    ctx->saved_data["weight_dtype"] = weight.has_value() ? c10::IValue(weight->scalar_type()) : c10::IValue();
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+    // Absent (or undefined) parameters are not autograd inputs: no dtype saved.
+    const auto dtype_of = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() && t->defined() ? c10::IValue(t->scalar_type()) : c10::IValue();
+    };
+    ctx->saved_data["weight_dtype"] = dtype_of(weight);
+    ctx->saved_data["bias_dtype"] = dtype_of(bias);
     ctx->mark_non_differentiable({mean, rstd});
     return {mean, scale, shift, rstd};
   }

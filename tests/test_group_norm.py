@@ -89,13 +89,14 @@ def test_large_mean_keeps_the_variance(backend, fmt):
     assert_close(y, F.silu(F.group_norm(x.double(), 2)), torch.float32, "y", tol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", ["identity", "silu"])
-def test_cpu_nchw_ways_agree_bitwise(activation):
+def test_cpu_nchw_ways_agree_bitwise(activation, dtype):
     """The CPU kernels take NCHW input one (sample, group) at a time when
     there are at least as many groups as threads, else in two passes over the
     whole tensor: outputs, statistics and gradients must be bitwise equal."""
-    x = torch.randn(1, 6, 9, 7) * 2 + 0.5
-    w, b, g = torch.rand(6) + 0.5, torch.randn(6), torch.randn(1, 6, 9, 7)
+    x = torch.randn(1, 6, 9, 7, dtype=dtype) * 2 + 0.5
+    w, b, g = (torch.rand(6, dtype=dtype) + 0.5, torch.randn(6, dtype=dtype), torch.randn(1, 6, 9, 7, dtype=dtype))
     results = []
     threads = torch.get_num_threads()
     try:
@@ -333,6 +334,10 @@ def test_bad_inputs_reach_the_op_with_clear_errors():
         torch.ops.resfast.group_stats(torch.randn(2, 6, 3), 3)
     with pytest.raises(ValueError, match="weight: expected shape"):
         torch.ops.resfast.group_norm(x, 3, torch.ones(4), None, 1e-5, "silu")
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        torch.ops.resfast.group_norm_affine(x, 3, None, torch.ones(1), 1e-5)
+    with pytest.raises(ValueError, match="eps: expected a finite number"):
+        torch.ops.resfast.group_norm_affine(x, 3, None, None, float("nan"))
     with pytest.raises(TypeError, match="x: expected float32"):
         torch.ops.resfast.group_norm(x.int(), 3, None, None, 1e-5, "silu")
     mean, _ = torch.ops.resfast.group_stats(x, 3)

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace resfast {
 
 Activation parse_activation(c10::string_view activation) {
@@ -43,6 +45,27 @@ void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Te
   TORCH_CHECK_VALUE(mean.sizes() == scale.sizes() && scale.sizes() == shift.sizes(),
                     "mean, scale and shift: expected one shape, got ", mean.sizes(), ", ",
                     scale.sizes(), ", ", shift.sizes());
+}
+
+void check_group_norm_affine(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias) {
+  const auto acc = accumulation_type(x.scalar_type());
+  const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {{&weight, "weight"}, {&bias, "bias"}};
+  for (const auto& [t, name] : vectors) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(1), name, ": expected shape (", x.size(1),
+                      ",) for input of shape ", x.sizes(), ", got ", v.sizes());
+    TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type() || v.scalar_type() == acc, name, ": expected dtype ",
+                     x.scalar_type(), " or ", acc, ", got ", v.scalar_type());
+    TORCH_CHECK_VALUE(v.device() == x.device(), name, ": expected device ", x.device(), ", got ", v.device());
+  }
+}
+
+void check_group_norm_params(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, double eps) {
+  check_group_norm_affine(x, weight, bias);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
 }
 
 void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,

@@ -6,6 +6,8 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
+
 #include "norm_act_math.h"
 
 namespace resfast {
@@ -26,6 +28,15 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArra
 // accumulation dtype, on x's device.
 void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
                                const at::Tensor& grad_var);
+
+// GroupNorm's optional weight and bias: (C,) of x's dtype or of its
+// accumulation dtype, on x's device.
+void check_group_norm_affine(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias);
+
+// check_group_norm_affine, and eps finite and >= 0.
+void check_group_norm_params(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, double eps);
 
 // float64 for float64 input, else float32.
 at::ScalarType accumulation_type(at::ScalarType t);

@@ -109,17 +109,6 @@ GroupGeometry check_groups(const at::Tensor& x, int64_t num_groups) {
   return {dense_geometry(x), num_groups, x.size(1) / num_groups};
 }
 
-// weight/bias: (C,) of x's dtype or of its accumulation dtype.
-void check_affine(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape (", x.size(1),
-                    ",) for input of shape ", x.sizes(), ", got ", t->sizes());
-  const auto acc = accumulation_type(x.scalar_type());
-  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type() || t->scalar_type() == acc, name, ": expected dtype ",
-                   x.scalar_type(), " or ", acc, ", got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
-}
-
 // mean/rstd-like (N, G) statistics: shape, accumulation dtype, device.
 void check_group_vector(const at::Tensor& x, const at::Tensor& t, int64_t groups, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == groups, name, ": expected shape (",
@@ -160,9 +149,13 @@ std::vector<at::opmath_type<scalar_t>> group_pivots(const scalar_t* x, const Gro
 }
 
 // Mean and biased variance of group (n, grp), rounded to acc_t, from its
-// channels' shifted sums (sums: [N][C][2]) added in channel order.
+// channels' shifted sums (sums: [N][C][2]) added in channel order. Never
+// inlined: the by-group path calls it from inside run_with_best_isa's
+// AVX2/AVX-512 copies, where GCC would fuse its multiply-adds, and the
+// two-pass path from baseline code, where it cannot; one copy keeps the two
+// paths bitwise equal (input_grad_coefs likewise).
 template <typename acc_t>
-std::pair<acc_t, acc_t> group_mean_var(const double* sums, const acc_t* pivot, const GroupGeometry& gg, int64_t n,
+__attribute__((noinline)) std::pair<acc_t, acc_t> group_mean_var(const double* sums, const acc_t* pivot, const GroupGeometry& gg, int64_t n,
                                        int64_t grp) {
   double s1 = 0, s2 = 0;
   const int64_t c0 = gg.first_channel(grp);
@@ -259,9 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine(con
                                                                              const std::optional<at::Tensor>& bias,
                                                                              double eps) {
   const GroupGeometry gg = check_groups(input, num_groups);
-  check_affine(input, weight, "weight");
-  check_affine(input, bias, "bias");
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  check_group_norm_params(input, weight, bias, eps);
   auto [mean, rstd] = mean_rstd(input.contiguous(kernel_format(input)), gg, eps);
   std::array<at::Tensor, 3> params;
   AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "group_norm_affine", [&] {
@@ -311,9 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& inpu
                                                           const std::optional<at::Tensor>& bias, double eps,
                                                           c10::string_view activation) {
   const GroupGeometry gg = check_groups(input, num_groups);
-  check_affine(input, weight, "weight");
-  check_affine(input, bias, "bias");
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  check_group_norm_params(input, weight, bias, eps);
   const Activation act = parse_activation(activation);
   const at::MemoryFormat format = kernel_format(input);
   const at::Tensor x = input.contiguous(format);
@@ -367,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& inpu
 // S1 = sum_c weight[c] sum(dz), S2 = sum_c weight[c] sum(dz * (x - mean)):
 // (coef_a, coef_b) of group (n, grp) from the [N][C][2] sums of dz and dz * (x - mean).
 template <typename acc_t>
-std::pair<acc_t, acc_t> input_grad_coefs(const double* sums, const std::vector<acc_t>& w, double rstd,
+__attribute__((noinline)) std::pair<acc_t, acc_t> input_grad_coefs(const double* sums, const std::vector<acc_t>& w, double rstd,
                                          const GroupGeometry& gg, int64_t n, int64_t grp) {
   double s1 = 0, s2 = 0;
   const int64_t c0 = gg.first_channel(grp);
@@ -388,8 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
   const GroupGeometry gg = check_groups(input, groups);
   check_group_vector(input, mean, groups, "mean");
   check_group_vector(input, rstd, groups, "rstd");
-  check_affine(input, weight, "weight");
-  check_affine(input, bias, "bias");
+  check_group_norm_affine(input, weight, bias);
   TORCH_CHECK_VALUE(grad_y_in.sizes() == input.sizes(), "grad_y: expected shape ", input.sizes(), ", got ",
                     grad_y_in.sizes());
   TORCH_CHECK_TYPE(grad_y_in.scalar_type() == input.scalar_type(), "grad_y: expected dtype ", input.scalar_type(),

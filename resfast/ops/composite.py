@@ -24,7 +24,9 @@ def group_norm_affine(impls, x, num_groups, weight, bias, eps):
     scale = rstd.repeat_interleave(per_group, 1)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
-    shift = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype).expand_as(scale).contiguous()
+    # A copy even where expand_as would be a view of bias: ops never return their inputs.
+    shift = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype).expand_as(scale).clone(
+        memory_format=torch.contiguous_format)
     return mean.repeat_interleave(per_group, 1), scale, shift, rstd
 
 
