@@ -149,7 +149,8 @@ class NormAffine(NamedTuple):
     """A normalisation as the fused op applies it: act((x - mean) * scale + shift).
     batch_invstd is set when mean and scale come from x's own statistics
     (training-mode BatchNorm, GroupNorm), whose gradient the fused op then
-    includes (see norm_act_conv2d)."""
+    includes (see norm_act_conv2d). Pass it on with the rest, as
+    affine_act_conv2d does: mean and scale carry no gradient to x themselves."""
 
     mean: torch.Tensor
     scale: torch.Tensor
