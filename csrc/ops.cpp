@@ -74,8 +74,8 @@ TORCH_LIBRARY(resfast, m) {
       "group_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
       "str activation, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // Per-(sample, group) mean and biased variance, (N, G), float32 (float64 for
-  // float64 input): the differentiable statistics of GroupNorm for the fused
-  // conv unit, which applies them in its prologue.
+  // float64 input), differentiable: GroupNorm's statistics, which
+  // group_norm_affine spreads over channels for the fused conv unit.
   m.def("group_stats(Tensor x, int num_groups) -> (Tensor mean, Tensor var)");
   m.def("group_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
   // GroupNorm as the fused conv unit's per-(sample, channel) (N, C)
