@@ -100,6 +100,17 @@ void for_each_group_plane(const GroupGeometry& gg, int64_t n, int64_t grp, const
   for (int64_t c = c0; c < c0 + gg.per_group; ++c) plane(c, (n * gg.g.c + c) * gg.g.hw);
 }
 
+// A summing kernel's two plane sums for each channel of group (n, grp),
+// stored in sums ([N][C][2]) where sum_per_sample_channel puts them.
+template <typename Kernel>
+void sum_group_planes(const GroupGeometry& gg, int64_t n, int64_t grp, const Kernel& kernel,
+                      std::vector<double>& sums) {
+  for_each_group_plane(gg, n, grp, [&](int64_t c, int64_t offset) {
+    const std::array<double, 2> s = kernel.plane(n, c, offset, offset, gg.g.hw);
+    std::copy(s.begin(), s.end(), sums.begin() + (n * gg.g.c + c) * 2);
+  });
+}
+
 GroupGeometry check_groups(const at::Tensor& x, int64_t num_groups) {
   check_activation_input(x, "x");
   TORCH_CHECK_VALUE(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: expected a positive divisor of the ",
@@ -155,8 +166,8 @@ std::vector<at::opmath_type<scalar_t>> group_pivots(const scalar_t* x, const Gro
 // two-pass path from baseline code, where it cannot; one copy keeps the two
 // paths bitwise equal (input_grad_coefs likewise).
 template <typename acc_t>
-__attribute__((noinline)) std::pair<acc_t, acc_t> group_mean_var(const double* sums, const acc_t* pivot, const GroupGeometry& gg, int64_t n,
-                                       int64_t grp) {
+__attribute__((noinline)) std::pair<acc_t, acc_t> group_mean_var(const double* sums, const acc_t* pivot,
+                                                                 const GroupGeometry& gg, int64_t n, int64_t grp) {
   double s1 = 0, s2 = 0;
   const int64_t c0 = gg.first_channel(grp);
   for (int64_t c = c0; c < c0 + gg.per_group; ++c) {
@@ -179,12 +190,14 @@ void group_moments(const at::Tensor& x, const GroupGeometry& gg, at::Tensor& mea
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   const std::vector<acc_t> pivot = group_pivots(px, gg);
-  const std::vector<double> sums = sum_per_sample_channel<2>(gg.g, GroupShiftedSums<scalar_t>{px, pivot.data(), gg.g.c});
+  const std::vector<double> sums =
+      sum_per_sample_channel<2>(gg.g, GroupShiftedSums<scalar_t>{px, pivot.data(), gg.g.c});
   acc_t* pm = mean.data_ptr<acc_t>();
   acc_t* pv = var.data_ptr<acc_t>();
   for (int64_t n = 0; n < gg.g.n; ++n) {
     for (int64_t grp = 0; grp < gg.groups; ++grp) {
-      std::tie(pm[n * gg.groups + grp], pv[n * gg.groups + grp]) = group_mean_var(sums.data(), pivot.data(), gg, n, grp);
+      const int64_t k = n * gg.groups + grp;
+      std::tie(pm[k], pv[k]) = group_mean_var(sums.data(), pivot.data(), gg, n, grp);
     }
   }
 }
@@ -275,24 +288,25 @@ at::Tensor group_stats_backward(const at::Tensor& input, const at::Tensor& mean,
   if (x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_stats_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // d(mean)/dx = 1/M, d(var)/dx = 2 (x - mean) / M.
+    // d(mean)/dx = 1/M, d(var)/dx = 2 (x - mean) / M, each group's spread
+    // over its channels.
     const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();
-    const std::vector<acc_t> ones(gg.g.c, acc_t(1)), zeros(gg.g.c, acc_t(0));
-    const auto [pm, ca, cb] = channel_params<acc_t>(m, gm, ones, zeros, gg);
+    const acc_t* pm = m.const_data_ptr<acc_t>();
     const acc_t* pgm = gm.const_data_ptr<acc_t>();
     const acc_t* pgv = gv.const_data_ptr<acc_t>();
-    acc_t *pa = ca.data_ptr<acc_t>(), *pb = cb.data_ptr<acc_t>();
     const double inv_count = 1.0 / static_cast<double>(gg.count());
+    std::vector<acc_t> mean_nc(gg.g.n * gg.g.c), a(gg.g.n * gg.g.c), b(gg.g.n * gg.g.c);
     for (int64_t n = 0; n < gg.g.n; ++n) {
-      for (int64_t c = 0; c < gg.g.c; ++c) {
-        const int64_t grp = n * gg.groups + gg.group_of(c);
-        pa[n * gg.g.c + c] = static_cast<acc_t>(pgm[grp] * inv_count);
-        pb[n * gg.g.c + c] = static_cast<acc_t>(2 * pgv[grp] * inv_count);
+      for (int64_t grp = 0; grp < gg.groups; ++grp) {
+        const int64_t k = n * gg.groups + grp, k0 = n * gg.g.c + gg.first_channel(grp);
+        std::fill_n(mean_nc.begin() + k0, gg.per_group, pm[k]);
+        std::fill_n(a.begin() + k0, gg.per_group, static_cast<acc_t>(pgm[k] * inv_count));
+        std::fill_n(b.begin() + k0, gg.per_group, static_cast<acc_t>(2 * pgv[k] * inv_count));
       }
     }
     for_each_run(gg.g, CenteredAffineGrad<scalar_t, acc_t, /*kAccumulate=*/false>{
-                           x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), pm.const_data_ptr<acc_t>(),
-                           pa, pb, gg.g.c, /*sample_stride=*/gg.g.c});
+                           x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), mean_nc.data(), a.data(),
+                           b.data(), gg.g.c, /*sample_stride=*/gg.g.c});
   });
   return grad_x;
 }
@@ -332,10 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& inpu
       acc_t *om = params.data(), *os = om + g.n * g.c, *ob = os + g.n * g.c;
       const Normalize normalize{px, y.data_ptr<scalar_t>(), NormParams<acc_t>(om, os, ob, g.c), g.c};
       for_each_group(gg, [&](int64_t n, int64_t grp) {
-        for_each_group_plane(gg, n, grp, [&](int64_t c, int64_t offset) {
-          const std::array<double, 2> s = shifted_sums.plane(n, c, offset, offset, g.hw);
-          std::copy(s.begin(), s.end(), sums.begin() + offset / g.hw * 2);
-        });
+        sum_group_planes(gg, n, grp, shifted_sums, sums);
         const int64_t k = n * gg.groups + grp;
         const auto [group_mean, group_var] = group_mean_var(sums.data(), pivot.data(), gg, n, grp);
         pm[k] = group_mean;
@@ -356,8 +367,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm(const at::Tensor& inpu
 // S1 = sum_c weight[c] sum(dz), S2 = sum_c weight[c] sum(dz * (x - mean)):
 // (coef_a, coef_b) of group (n, grp) from the [N][C][2] sums of dz and dz * (x - mean).
 template <typename acc_t>
-__attribute__((noinline)) std::pair<acc_t, acc_t> input_grad_coefs(const double* sums, const std::vector<acc_t>& w, double rstd,
-                                         const GroupGeometry& gg, int64_t n, int64_t grp) {
+__attribute__((noinline)) std::pair<acc_t, acc_t> input_grad_coefs(const double* sums, const std::vector<acc_t>& w,
+                                                                   double rstd, const GroupGeometry& gg, int64_t n,
+                                                                   int64_t grp) {
   double s1 = 0, s2 = 0;
   const int64_t c0 = gg.first_channel(grp);
   for (int64_t c = c0; c < c0 + gg.per_group; ++c) {
@@ -426,10 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
         // Each group's input gradient follows its sums while it is in cache.
         sums.resize(g.n * g.c * 2);
         for_each_group(gg, [&](int64_t n, int64_t grp) {
-          for_each_group_plane(gg, n, grp, [&](int64_t c, int64_t offset) {
-            const std::array<double, 2> s = kernel.plane(n, c, offset, offset, g.hw);
-            std::copy(s.begin(), s.end(), sums.begin() + offset / g.hw * 2);
-          });
+          sum_group_planes(gg, n, grp, kernel, sums);
           fill_coefs(sums, n, grp);
           for_each_group_plane(gg, n, grp,
                                [&](int64_t c, int64_t offset) { input_grad.plane(n, c, offset, offset, g.hw); });

@@ -67,8 +67,8 @@ struct NormalizeActivate {
 
 // From grad_a, the gradient of the convolution's input: dz = grad_a * act'(z),
 // grad_x = dz * scale, and the sums of dz and dz * (x - mean) (grad_x, grad_a
-// and x must not overlap). kWriteGradX = false only reduces the sums (GroupNorm's backward, whose
-// grad_x needs them first).
+// and x must not overlap). kWriteGradX = false only reduces the sums
+// (GroupNorm's backward when no input gradient is asked for).
 template <typename in_t, typename out_t, typename acc_t, Activation A, bool kWriteGradX = true>
 struct ActivationBackward {
   using sum_t = acc_t;

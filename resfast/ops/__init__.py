@@ -26,6 +26,6 @@ from resfast.ops.functional import (  # noqa: E402
 from resfast.ops.distributed import sync_batch_norm_affine, sync_world_size  # noqa: E402
 
 __all__ = ["BACKENDS", "NormAffine", "affine_act_conv2d", "available_cpu_isas", "backend", "batch_norm_act_conv2d",
-           "batch_norm_affine", "channel_stats", "cpu_isa", "hardware_isa", "use_cpu_isa", "conv_padding", "drop_path", "group_norm", "group_norm_affine",
-           "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats", "sync_batch_norm_affine",
-           "sync_world_size"]
+           "batch_norm_affine", "channel_stats", "conv_padding", "cpu_isa", "drop_path", "group_norm",
+           "group_norm_affine", "hardware_isa", "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats",
+           "sync_batch_norm_affine", "sync_world_size", "use_cpu_isa"]
