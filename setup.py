@@ -3,12 +3,16 @@
 CUDA is built when torch is a CUDA build and nvcc is found (CUDA_HOME), or when
 FORCE_CUDA=1; FORCE_CUDA=0 builds CPU only. Whether a GPU is present does not
 matter, so the CUDA objects build on GPU-less CI machines. TORCH_CUDA_ARCH_LIST
-picks the architectures (default "8.0;9.0": Ampere and Hopper).
+picks the architectures (default: scripts/build_config.py).
 """
 
 import glob
 import os
 import shutil
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+import build_config  # noqa: E402
 
 
 def _find_cuda_home():
@@ -38,23 +42,6 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def pip_cuda_paths():
-    """Headers and libraries of the CUDA wheels torch depends on (nvidia/cu13),
-    which the system toolkit may lack (cuBLAS, cuSPARSE, ... headers)."""
-    try:
-        import nvidia
-    except ImportError:
-        return [], []
-    includes, libs = [], []
-    for root in nvidia.__path__:
-        for sub in ("cu13", "cu12"):
-            base = os.path.join(root, sub)
-            if os.path.isdir(os.path.join(base, "include")):
-                includes.append(os.path.join(base, "include"))
-                libs.append(os.path.join(base, "lib"))
-    return includes, libs
-
-
 def limit_parallel_jobs():
     """nvcc and the torch headers take ~2 GB per job: cap ninja by memory."""
     if "MAX_JOBS" in os.environ:
@@ -68,6 +55,8 @@ def limit_parallel_jobs():
 
 
 def extension():
+    # The libtorch build (CMakeLists.txt) compiles the same sources but for
+    # the Python bindings (python_module.cpp) and the CUDA ones.
     sources = sorted(
         glob.glob(os.path.join("csrc", "*.cpp"))
         + glob.glob(os.path.join("csrc", "common", "*.cpp"))
@@ -84,8 +73,8 @@ def extension():
     if not want_cuda():
         return CppExtension("resfast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
                             extra_link_args=link)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    includes, libs = pip_cuda_paths()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_archs()
+    includes, libs = build_config.nvidia_wheel_paths()
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     macros.append(("RESFAST_WITH_CUDA", None))
     return CUDAExtension(

@@ -1,68 +1,21 @@
-// Autograd of norm_act_conv2d, group_norm and the statistics ops, in C++:
+// Autograd of the differentiable ops (norm_act_conv2d and its _stats twin,
+// group_norm, group_norm_affine and the statistics ops), in C++:
 // they run once per unit per step, and a Python autograd wrapper cost
 // ~0.3 ms a call (5% of a ResNet-200 CPU training step; a third of a small
 // GroupNorm's). The backward is written in terms of registered ops, so every
 // backend (and resfast.backend's dispatch mode) serves it, and torch.compile
 // traces it through the fake kernels.
-#include <ATen/TensorOperators.h>
-#include <ATen/ops/zeros_like.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 namespace resfast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-                        const at::Tensor& shift, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& residual, c10::IntArrayRef stride,
-                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                        c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("resfast::norm_act_conv2d", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&, c10::IntArrayRef, c10::IntArrayRef,
-                            c10::IntArrayRef, int64_t, c10::string_view, const std::optional<at::Tensor>&)>();
-  return op.call(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
-                 batch_invstd);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward_stats(
-    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("resfast::norm_act_conv2d_stats", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::IntArrayRef,
-              c10::IntArrayRef, c10::IntArrayRef, int64_t, c10::string_view, const std::optional<at::Tensor>&)>();
-  return op.call(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
-                 batch_invstd);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-    const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-    const std::optional<at::Tensor>& batch_invstd, std::array<bool, 2> output_mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("resfast::norm_act_conv2d_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
-              c10::string_view, const std::optional<at::Tensor>&, std::array<bool, 2>)>();
-  return op.call(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
-                 batch_invstd, output_mask);
-}
 
 // What the unit's backward needs: x, the per-channel vectors and the weight
 // (act(z) is recomputed), and the non-tensor arguments.
@@ -100,7 +53,7 @@ variable_list unit_backward(AutogradContext* ctx, const at::Tensor& grad_out) {
   const bool want_weight = ctx->needs_input_grad(4);
   if (want_input || want_weight) {
     std::tie(grad_x, grad_scale, grad_shift, grad_weight) =
-        call_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
+        ops::norm_act_conv2d_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation,
                       ctx->saved_data["groups"].toInt(), activation, batch_invstd, {want_input, want_weight});
     if (ctx->needs_input_grad(1)) grad_mean = -scale * grad_shift;
   }
@@ -127,7 +80,7 @@ class NormActConv2d : public torch::autograd::Function<NormActConv2d> {
     at::AutoDispatchBelowADInplaceOrView guard;
     save_unit(ctx, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
               batch_invstd);
-    return call_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+    return ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
                         activation, batch_invstd);
   }
 
@@ -146,7 +99,7 @@ class NormActConv2dStats : public torch::autograd::Function<NormActConv2dStats> 
     at::AutoDispatchBelowADInplaceOrView guard;
     save_unit(ctx, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
               batch_invstd);
-    auto [y, y_mean, y_var] = call_forward_stats(x, mean, scale, shift, weight, bias, residual, stride, padding,
+    auto [y, y_mean, y_var] = ops::norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, stride, padding,
                                                  dilation, groups, activation, batch_invstd);
     ctx->mark_non_differentiable({y_mean, y_var});
     return {y, y_mean, y_var};
@@ -154,31 +107,6 @@ class NormActConv2dStats : public torch::autograd::Function<NormActConv2dStats> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return unit_backward(ctx, grads[0]); }
 };
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_group_norm(const at::Tensor& x, int64_t num_groups,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                const std::optional<at::Tensor>& bias, double eps,
-                                                                c10::string_view activation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resfast::group_norm", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
-                                 const std::optional<at::Tensor>&, double, c10::string_view)>();
-  return op.call(x, num_groups, weight, bias, eps, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_group_norm_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, c10::string_view activation,
-    std::array<bool, 3> output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resfast::group_norm_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                 c10::string_view, std::array<bool, 3>)>();
-  return op.call(grad_y, x, mean, rstd, weight, bias, activation, output_mask);
-}
 
 std::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -192,7 +120,7 @@ class GroupNorm : public torch::autograd::Function<GroupNorm> {
                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                double eps, c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = call_group_norm(x, num_groups, weight, bias, eps, activation);
+    auto [y, mean, rstd] = ops::group_norm(x, num_groups, weight, bias, eps, activation);
     ctx->save_for_backward({x, mean, rstd, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({mean, rstd});
@@ -209,7 +137,7 @@ class GroupNorm : public torch::autograd::Function<GroupNorm> {
     const bool want_bias = bias.has_value() && ctx->needs_input_grad(bias_index);
     const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
     auto [grad_x, grad_weight, grad_bias] =
-        call_group_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx->saved_data["activation"].toStringRef(),
+        ops::group_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx->saved_data["activation"].toStringRef(),
                                  {ctx->needs_input_grad(0), want_weight, want_bias});
     return {grad_x, at::Tensor(), grad_weight, grad_bias, at::Tensor(), at::Tensor()};
   }
@@ -223,51 +151,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_autograd(const at::Ten
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<at::Tensor, at::Tensor> call_channel_stats(const at::Tensor& x) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resfast::channel_stats", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  return op.call(x);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_group_stats(const at::Tensor& x, int64_t num_groups) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resfast::group_stats", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
-  return op.call(x, num_groups);
-}
-
-// channel_stats_backward and group_stats_backward: (x, mean, grad_mean, grad_var) -> grad_x.
-using StatsBackwardOp = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                            const at::Tensor&)>;
-
-StatsBackwardOp find_stats_backward(const char* name) {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow(name, "")
-      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-}
-
 // grad_x of a (mean, var) statistics op that saved (x, mean); an absent
 // gradient is zero.
-at::Tensor stats_backward(const StatsBackwardOp& op, AutogradContext* ctx, const variable_list& grads) {
+template <typename StatsBackward>
+at::Tensor stats_backward(const StatsBackward& op, AutogradContext* ctx, const variable_list& grads) {
   const auto saved = ctx->get_saved_variables();
   const at::Tensor &x = saved[0], &mean = saved[1];
   const auto or_zeros = [&](const at::Tensor& g) { return g.defined() ? g.contiguous() : at::zeros_like(mean); };
-  return op.call(x, mean, or_zeros(grads[0]), or_zeros(grads[1]));
+  return op(x, mean, or_zeros(grads[0]), or_zeros(grads[1]));
 }
 
 class ChannelStats : public torch::autograd::Function<ChannelStats> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [mean, var] = call_channel_stats(x);
+    auto [mean, var] = ops::channel_stats(x);
     ctx->save_for_backward({x, mean});
     return {mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const StatsBackwardOp op = find_stats_backward("resfast::channel_stats_backward");
-    return {stats_backward(op, ctx, grads)};
+    return {stats_backward(ops::channel_stats_backward, ctx, grads)};
   }
 };
 
@@ -275,14 +179,13 @@ class GroupStats : public torch::autograd::Function<GroupStats> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t num_groups) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [mean, var] = call_group_stats(x, num_groups);
+    auto [mean, var] = ops::group_stats(x, num_groups);
     ctx->save_for_backward({x, mean});
     return {mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const StatsBackwardOp op = find_stats_backward("resfast::group_stats_backward");
-    return {stats_backward(op, ctx, grads), at::Tensor()};
+    return {stats_backward(ops::group_stats_backward, ctx, grads), at::Tensor()};
   }
 };
 
@@ -316,6 +219,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats_autograd(
   return {out[0], out[1], out[2]};
 }
 
+
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// scale[n, c] = rstd[n, g] * weight[c] and shift[n, c] = bias[c] carry the
+// parameters' gradients; mean and rstd, x's statistics, carry none (the
+// consumer's batch_invstd accounts for them).
+class GroupNormAffine : public torch::autograd::Function<GroupNormAffine> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t num_groups,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                               double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [mean, scale, shift, rstd] = ops::group_norm_affine(x, num_groups, weight, bias, eps);
+    ctx->save_for_backward({rstd});
+    // Absent (or undefined) parameters are not autograd inputs: no dtype saved.
+    const auto dtype_of = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() && t->defined() ? c10::IValue(t->scalar_type()) : c10::IValue();
+    };
+    ctx->saved_data["weight_dtype"] = dtype_of(weight);
+    ctx->saved_data["bias_dtype"] = dtype_of(bias);
+    ctx->mark_non_differentiable({mean, rstd});
+    return {mean, scale, shift, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor rstd = ctx->get_saved_variables()[0];
+    const at::Tensor &grad_scale = grads[1], &grad_shift = grads[2];
+    const int64_t channels = grad_scale.defined() ? grad_scale.size(1) : grad_shift.size(1);
+    const auto grad_of = [&](const at::Tensor& grad, const at::Tensor& factor, const char* dtype_key) {
+      const c10::IValue& dtype = ctx->saved_data[dtype_key];
+      if (!grad.defined()) return at::zeros({channels}, rstd.options().dtype(dtype.toScalarType()));
+      return converted((factor.defined() ? grad * factor : grad).sum(0), dtype.toScalarType());
+    };
+    // needs_input_grad counts the tensors passed: x is 0, then weight and
+    // bias if present.
+    const bool has_weight = !ctx->saved_data["weight_dtype"].isNone();
+    at::Tensor grad_weight, grad_bias;
+    if (has_weight && ctx->needs_input_grad(1)) {
+      grad_weight = grad_of(grad_scale, rstd.repeat_interleave(channels / rstd.size(1), 1), "weight_dtype");
+    }
+    const bool has_bias = !ctx->saved_data["bias_dtype"].isNone();
+    if (has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)) {
+      grad_bias = grad_of(grad_shift, at::Tensor(), "bias_dtype");
+    }
+    return {at::Tensor(), at::Tensor(), grad_weight, grad_bias, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine_autograd(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  const auto out = GroupNormAffine::apply(x, num_groups, weight, bias, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
@@ -324,6 +284,7 @@ TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   m.impl("group_norm", &group_norm_autograd);
   m.impl("channel_stats", &channel_stats_autograd);
   m.impl("group_stats", &group_stats_autograd);
+  m.impl("group_norm_affine", &group_norm_affine_autograd);
 }
 
 }  // namespace resfast

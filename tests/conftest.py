@@ -22,12 +22,13 @@ def triton_available():
 
 
 def available_backends():
-    """(backend, device) pairs this machine can run."""
-    pairs = [("cpu", "cpu"), ("reference", "cpu")]
+    """(backend, device) pairs this machine can run: the registered kernels
+    ("auto") per device, the reference, and the Triton implementations."""
+    pairs = [("auto", "cpu"), ("reference", "cpu")]
     if triton_available():
         pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
     if torch.cuda.is_available():
-        pairs.append(("cuda", "cuda"))
+        pairs.append(("auto", "cuda"))
     return pairs
 
 

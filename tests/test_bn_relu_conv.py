@@ -118,7 +118,7 @@ def test_unit_low_precision_cpu(dtype, channels_last):
     compare(unit, ref, cfg, None, "cpu", training=True, channels_last=channels_last, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] != "cuda"])
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b != ("auto", "cuda")])
 def test_unit_autocast_matches_torch_modules(backend, device):
     """Under autocast the unit returns what BatchNorm2d→ReLU→Conv2d return, and
     its parameters and running statistics stay float32."""
@@ -153,35 +153,6 @@ def test_gradcheck_float64(activation, training):
                                                  residual=res)
 
     assert torch.autograd.gradcheck(f, (x, bn_w, bn_b, w, b, res))
-
-
-def test_ops_opcheck():
-    """torch.library.opcheck on every registered op: schema, fake kernel,
-    autograd registration and torch.compile (AOT dispatch) consistency."""
-    x = torch.randn(2, 4, 5, 6)
-    mean, var = torch.ops.resfast.channel_stats(x)
-    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
-    w = torch.randn(6, 4, 3, 3, requires_grad=True)
-    conv = ([1, 1], [1, 1], [1, 1], 1, "relu")
-    g = torch.randn(2, 6, 5, 6)
-    samples = [
-        (torch.ops.resfast.channel_stats, (x.requires_grad_(),)),
-        (torch.ops.resfast.channel_stats_backward, (x.detach(), mean, torch.randn(4), torch.randn(4))),
-        (torch.ops.resfast.norm_act_conv2d, (x.detach().requires_grad_(), mean.detach(), scale.requires_grad_(),
-                                             shift.requires_grad_(), w, None, None, *conv)),
-        (torch.ops.resfast.norm_act_conv2d, (x.detach().requires_grad_(), mean.detach(), scale.detach(),
-                                             shift.detach().requires_grad_(), w, None, None, *conv,
-                                             torch.rsqrt(var + 1e-5))),
-    ]
-    for mask in ([True, True], [True, False], [False, True]):
-        for invstd in (None, torch.rsqrt(var + 1e-5)):
-            samples.append((torch.ops.resfast.norm_act_conv2d_backward,
-                            (g, x.detach(), mean, scale.detach(), shift.detach(), w.detach(), *conv, invstd, mask)))
-    for op, args in samples:
-        torch.library.opcheck(op, args)
-    xl = x.detach().contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.resfast.norm_act_conv2d,
-                          (xl, mean.detach(), scale.detach(), shift.detach(), w.detach(), None, None, *conv))
 
 
 def test_saved_activation_memory_at_most_055x_eager():
@@ -268,7 +239,7 @@ def test_batch_stats_from_the_producer_replace_the_pass():
     results = []
     for stats in (None, (mean, var)):
         bn = torch.nn.BatchNorm2d(6)
-        affine = resfast.nn.norm_act_conv.batch_norm_affine(x, bn, True, batch_stats=stats)
+        affine = resfast.nn.batch_norm.bn_affine(bn, x, True, batch_stats=stats)
         results.append((affine, bn.running_mean.clone(), bn.running_var.clone()))
     (own, own_rm, own_rv), (given, given_rm, given_rv) = results
     for a, b, name in zip(own[:3], given[:3], ("mean", "scale", "shift")):
@@ -277,4 +248,4 @@ def test_batch_stats_from_the_producer_replace_the_pass():
     torch.testing.assert_close(given_rv, own_rv)
     for bad in ((mean[:5], var), (mean, var.double())):
         with pytest.raises(ValueError, match="batch_stats"):
-            resfast.nn.norm_act_conv.batch_norm_affine(x, torch.nn.BatchNorm2d(6), True, batch_stats=bad)
+            resfast.nn.batch_norm.bn_affine(torch.nn.BatchNorm2d(6), x, True, batch_stats=bad)

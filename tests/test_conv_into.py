@@ -105,14 +105,6 @@ def test_stats_stable_for_large_mean():
     assert_close(v, written.var(dim=(0, 2, 3), unbiased=False), torch.float32, "var", tol=1e-5)
 
 
-def test_into_opcheck():
-    x, mean, scale, shift, weight, bias, residual, (s, p, g), out, offset = _inputs(CONFIGS[1], torch.float32,
-                                                                                  True)
-    args = (x, mean, scale, shift, weight, bias, residual, [s, s], [p, p], [1, 1], g, "relu", out, offset, True)
-    torch.library.opcheck(torch.ops.resfast.norm_act_conv2d_into.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
-
-
 def test_into_bad_arguments():
     x, mean, scale, shift, weight, _, _, _, out, _ = _inputs(CONFIGS[0], torch.float32, False)
     with pytest.raises(ValueError, match="out_offset"):

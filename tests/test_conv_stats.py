@@ -54,10 +54,3 @@ def test_stats_and_gradients_match_the_plain_unit(backend, device, channels_last
     assert not y_mean.requires_grad and not y_var.requires_grad
     for name, g, g_ref in zip(("x", "mean", "scale", "shift", "weight", "bias", "residual"), grads, grads_ref):
         assert_close(g, g_ref, y.dtype, f"grad {name}", tol)
-
-
-def test_stats_opcheck():
-    x, mean, scale, shift, weight, bias, residual, _ = _inputs(torch.float32, True, False)
-    args = (x, mean.float(), scale.float(), shift.float(), weight, bias, residual, [1, 1], [1, 1], [1, 1], 1, "silu",
-            None)
-    torch.library.opcheck(torch.ops.resfast.norm_act_conv2d_stats.default, args)

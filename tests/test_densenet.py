@@ -32,7 +32,7 @@ def test_state_dict_matches_torchvision():
     ours.load_state_dict(theirs, strict=True)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_tiny_densenet_matches_torchvision(backend, training, channels_last):
@@ -52,7 +52,7 @@ def test_tiny_densenet_float64_two_steps_momentum_none():
     ours.double()
     for _ in range(2):
         x = torch.randn(2, 3, 24, 20, dtype=torch.float64)
-        compare_models(ours, ref, x, True, "cpu", dtype=torch.float64)
+        compare_models(ours, ref, x, True, "auto", dtype=torch.float64)
     assert ours.features.denseblock2.denselayer2.norm1.num_batches_tracked.item() == 2
 
 
@@ -69,7 +69,7 @@ def test_transition_odd_sizes_eval_and_train():
     ref = torchvision.models.densenet._Transition(6, 3)
     ref.load_state_dict(t.state_dict())
     for training in (True, False):
-        compare_models(t, ref.double(), torch.randn(2, 6, 7, 9), training, "cpu")
+        compare_models(t, ref.double(), torch.randn(2, 6, 7, 9), training, "auto")
 
 
 def test_dropout_matches_torchvision_stream():

@@ -83,7 +83,7 @@ def test_fused_unit_cpu_matches_reference(case):
         residual=torch.randn(n, case["oc"], *out.shape[2:], dtype=dtype) if case["residual"] else None,
         grad=torch.randn(n, case["oc"], *out.shape[2:], dtype=dtype))
     x_before = x.clone()
-    y, gx, grads, rm, rv = _run(case, "cpu", x, params)
+    y, gx, grads, rm, rv = _run(case, "auto", x, params)
     y_ref, gx_ref, grads_ref, rm_ref, rv_ref = _run(case, "reference", x, params)
     assert torch.equal(x, x_before)
     assert y.is_contiguous(memory_format=torch.channels_last) == y_ref.is_contiguous(

@@ -1,12 +1,15 @@
-"""Ahead-of-time compilation of every shipped kernel config for sm_80 and sm_90, no GPU needed.
+"""Ahead-of-time compilation of every shipped Triton kernel config for sm_80 and sm_90, no GPU needed.
 
-Each launcher is called on meta tensors (a representative channels_last
-ResNet layer) with Triton's launch intercepted, so the exact argument list the
-launcher would pass is recorded. The arguments are then specialised the way
-Triton's JIT does (ints equal to 1 become constexprs, 16-divisible ints and
-pointers get divisibility hints) and compiled with triton.compile for each
-target. The compilation runs in a subprocess without TRITON_INTERPRET because
-under the interpreter @triton.jit yields objects that cannot be compiled.
+Every op of the registry with a Triton implementation is called on meta
+tensors at representative shapes (AOT_SAMPLES: a channels_last ResNet layer,
+a U-Net GroupNorm) with Triton's launch intercepted, once per config of each
+kernel it launches (resfast.kernels.forced_configs), so the exact argument
+list its launchers pass is recorded. The arguments are then specialised the
+way Triton's JIT does (ints equal to 1 become constexprs, 16-divisible ints
+and pointers get divisibility hints) and compiled with triton.compile for
+each target. The compilation runs in a subprocess without TRITON_INTERPRET
+because under the interpreter @triton.jit yields objects that cannot be
+compiled.
 
 Run directly to print results as JSON lines:  python tests/test_triton_aot.py 90
 """
@@ -20,127 +23,96 @@ import traceback
 import pytest
 import torch
 
-from resfast.kernels import conv, group_norm, stats
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-block shared memory opt-in limits: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.int32: "i32", torch.int64: "i64"}
+bf16, fp32, CL = torch.bfloat16, torch.float32, torch.channels_last
 
 
-# Representative fast-path layer: ResNet 3x3, 64 channels, 56x56, batch 32, channels_last.
-RESNET = dict(n=32, c=64, hw=56, oc=64, groups=1)
-# Depthwise at batch 1: C_G = OC_G = N = 1 become constexprs under JIT specialisation.
-DEPTHWISE = dict(n=1, c=32, hw=7, oc=32, groups=32)
+def _meta(shape, dtype=fp32, layout=CL):
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=layout)
 
 
-def _conv_inputs(x_dtype, w_dtype, n, c, hw, oc, groups, stride=1):
-    cl = torch.channels_last
-    x = torch.empty((n, c, hw, hw), dtype=x_dtype, device="meta", memory_format=cl)
-    vec = torch.empty(c, device="meta")
-    w = torch.empty((oc, c // groups, 3, 3), dtype=w_dtype, device="meta")
-    out_hw = (hw - 1) // stride + 1  # 3x3, padding 1
-    y = torch.empty((n, oc, out_hw, out_hw), dtype=w_dtype, device="meta", memory_format=cl)
-    return x, vec, w, y
+def _unit(x_dtype=bf16, w_dtype=bf16, n=32, c=64, hw=56, oc=64, groups=1, kernel=3, stride=1):
+    """A fused unit's inputs: the representative fast-path layer is a ResNet
+    3x3, 64 channels, 56x56, batch 32, channels_last."""
+    x = _meta((n, c, hw, hw), x_dtype)
+    vec = _meta((c,), layout=torch.contiguous_format)
+    w = _meta((oc, c // groups, kernel, kernel), w_dtype)
+    pad = kernel // 2
+    out_hw = (hw + 2 * pad - kernel) // stride + 1
+    conv = ([stride, stride], [pad, pad], [1, 1], groups)
+    return x, vec, w, _meta((n, oc, out_hw, out_hw), w_dtype), conv
 
 
-def _forward(x_dtype, w_dtype, shape=RESNET):
-    x, vec, w, y = _conv_inputs(x_dtype, w_dtype, **shape)
-    bias = torch.empty(w.shape[0], dtype=w_dtype, device="meta")
-    conv.norm_act_conv2d_forward(x, vec, vec, vec, w, bias, y, (1, 1), (1, 1), (1, 1),
-                                 shape["groups"], "silu")
+def _forward(x_dtype, w_dtype, **shape):
+    x, vec, w, _, conv = _unit(x_dtype, w_dtype, **shape)
+    return (x, vec, vec, vec, w, _meta((w.shape[0],), w_dtype, torch.contiguous_format), None, *conv, "silu")
 
 
-def _forward_into_slice(dtype, shape=RESNET):
+def _forward_into_slice():
     """The dense-block store: into a channel slice of a wider buffer, with statistics."""
-    x, vec, w, _ = _conv_inputs(dtype, dtype, **shape)
-    out = torch.empty((shape["n"], shape["oc"] + 48, shape["hw"], shape["hw"]), dtype=dtype, device="meta",
-                      memory_format=torch.channels_last)
-    conv.norm_act_conv2d_forward_into(x, vec, vec, vec, w, None, None, (1, 1), (1, 1), (1, 1), shape["groups"],
-                                      "relu", out[:, 16:16 + shape["oc"]], True)
+    x, vec, w, y, conv = _unit()
+    out = _meta((y.shape[0], y.shape[1] + 48, *y.shape[2:]), bf16)
+    return (x, vec, vec, vec, w, None, None, *conv, "relu", out, 16, True)
 
 
-def _backward_input(dtype, stride, shape=RESNET):
-    x, vec, w, go = _conv_inputs(dtype, dtype, stride=stride, **shape)
-    conv.norm_act_conv2d_backward_input(go, x, vec, vec, vec, w, (stride, stride), (1, 1), (1, 1),
-                                        shape["groups"], "silu")
+def _backward(mask, **shape):
+    x, vec, w, grad_out, conv = _unit(**shape)
+    return (grad_out, x, vec, vec, vec, w, *conv, "silu", None, mask)
 
 
-def _backward_weight(dtype, shape=RESNET):
-    x, vec, w, go = _conv_inputs(dtype, dtype, **shape)
-    conv.norm_act_conv2d_backward_weight(go, x, vec, vec, vec, w.shape, (1, 1), (1, 1), (1, 1),
-                                         shape["groups"], "silu")
-
-
-def _stats(dtype):
-    x = _conv_inputs(dtype, dtype, **RESNET)[0]
-    stats.channel_stats(x)
-
-
-def _stats_backward(dtype):
-    x, vec, _, _ = _conv_inputs(dtype, dtype, **RESNET)
-    stats.channel_stats_backward(x, vec, vec, vec)
+def _stats_x():
+    return _unit()[0]
 
 
 # GroupNorm at a U-Net / diffusion shape: 256 channels, 32 groups, 32x32, batch 16.
-GN = dict(n=16, c=256, hw=32)
+def _gn_x(dtype=bf16):
+    return _meta((16, 256, 32, 32), dtype)
 
 
-def _gn_inputs(dtype):
-    x = torch.empty((GN["n"], GN["c"], GN["hw"], GN["hw"]), dtype=dtype, device="meta",
-                    memory_format=torch.channels_last)
-    nc = torch.empty((GN["n"], GN["c"]), device="meta")
-    return x, nc
+def _gn_nc(groups=32):
+    return _meta((16, groups), layout=torch.contiguous_format)
 
 
-def _gn_stats(dtype):
-    group_norm.launch_stats_partials(_gn_inputs(dtype)[0])
+_GN_AFFINE = (_meta((256,), bf16, torch.contiguous_format), _meta((256,), bf16, torch.contiguous_format))
 
+# Depthwise at batch 1: C_G = OC_G = N = 1 become constexprs under JIT
+# specialisation; only the config the heuristic picks for such layers (the
+# smallest) is compiled.
+DEPTHWISE = dict(n=1, c=32, hw=7, oc=32, groups=32)
 
-def _gn_apply(dtype):
-    x, nc = _gn_inputs(dtype)
-    group_norm.apply(x, nc, nc, nc, "silu")
-
-
-def _gn_backward_partials(dtype):
-    x, nc = _gn_inputs(dtype)
-    group_norm.launch_backward_partials(x, x, nc, nc, nc, "silu")
-
-
-def _gn_input_grad(dtype):
-    x, nc = _gn_inputs(dtype)
-    group_norm.input_grad(x, x, nc, nc, nc, nc, nc, "silu")
-
-
-bf16 = torch.bfloat16
-# name -> (configs to compile, launcher call, whether the kernel must use tensor cores).
-# The depthwise variants only check that the smallest (the heuristic's pick
-# for such layers) compiles under the extra constexpr specialisations.
-VARIANTS = {
-    "forward-bf16": (conv.FWD_CONFIGS, lambda: _forward(bf16, bf16), True),
-    "forward-fp32": (conv.FWD_CONFIGS, lambda: _forward(torch.float32, torch.float32), True),
-    "forward-fp32x-bf16w": (conv.FWD_CONFIGS, lambda: _forward(torch.float32, bf16), True),
-    "forward_into_slice-stats-bf16": (conv.FWD_CONFIGS, lambda: _forward_into_slice(bf16), True),
-    "backward_input-bf16-s2": (conv.DGRAD_CONFIGS, lambda: _backward_input(bf16, 2), True),
-    "backward_weight-bf16": (conv.WGRAD_CONFIGS, lambda: _backward_weight(bf16), True),
-    "stats-bf16": (stats.STATS_CONFIGS, lambda: _stats(bf16), False),
-    "stats_backward-bf16": (stats.STATS_CONFIGS, lambda: _stats_backward(bf16), False),
-    "gn_stats-bf16": (group_norm.GN_CONFIGS, lambda: _gn_stats(bf16), False),
-    "gn_apply-bf16": (group_norm.GN_CONFIGS, lambda: _gn_apply(bf16), False),
-    "gn_backward_partials-bf16": (group_norm.GN_CONFIGS, lambda: _gn_backward_partials(bf16), False),
-    "gn_input_grad-bf16": (group_norm.GN_CONFIGS, lambda: _gn_input_grad(bf16), False),
-    "gn_apply-fp32": (group_norm.GN_CONFIGS, lambda: _gn_apply(torch.float32), False),
-    "forward-depthwise": (conv.FWD_CONFIGS[-1:], lambda: _forward(bf16, bf16, DEPTHWISE), True),
-    "backward_input-depthwise": (conv.DGRAD_CONFIGS[-1:],
-                                 lambda: _backward_input(bf16, 1, DEPTHWISE), True),
-    "backward_weight-depthwise": (conv.WGRAD_CONFIGS[-1:],
-                                  lambda: _backward_weight(bf16, DEPTHWISE), True),
+# op -> [(sample name, arguments, compile every config of every kernel it launches)]
+AOT_SAMPLES = {
+    "norm_act_conv2d": [
+        ("bf16", lambda: _forward(bf16, bf16), True),
+        ("fp32", lambda: _forward(fp32, fp32), True),
+        ("fp32x-bf16w", lambda: _forward(fp32, bf16), True),
+        ("depthwise", lambda: _forward(bf16, bf16, **DEPTHWISE), False),
+    ],
+    "norm_act_conv2d_into": [("slice-stats-bf16", _forward_into_slice, True)],
+    "norm_act_conv2d_backward": [
+        ("input-bf16-s2", lambda: _backward([True, False], stride=2), True),
+        ("weight-bf16", lambda: _backward([False, True]), True),
+        ("depthwise", lambda: _backward([True, True], **DEPTHWISE), False),
+    ],
+    "channel_stats": [("bf16", lambda: (_stats_x(),), True)],
+    "channel_stats_backward": [("bf16", lambda: (_stats_x(), *[_meta((64,), layout=torch.contiguous_format)] * 3),
+                                True)],
+    "group_stats": [("bf16", lambda: (_gn_x(), 32), True)],
+    "group_stats_backward": [("bf16", lambda: (_gn_x(), _gn_nc(), _gn_nc(), _gn_nc()), True)],
+    "group_norm": [("bf16", lambda: (_gn_x(), 32, *_GN_AFFINE, 1e-5, "silu"), True),
+                   ("fp32", lambda: (_gn_x(fp32), 32, None, None, 1e-5, "silu"), True)],
+    "group_norm_backward": [("bf16", lambda: (_gn_x(), _gn_x(), _gn_nc(), _gn_nc(), *_GN_AFFINE, "silu",
+                                              [True, True, True]), True)],
 }
 
 
-def _record_launch(call, config):
-    """Run a launcher with kernel launches intercepted; returns [(kernel, args, kwargs)]."""
+def _record_launches(op, args):
+    """Call the op's Triton implementation with kernel launches intercepted;
+    returns [(kernel, args, kwargs)]."""
     from triton.runtime.jit import JITFunction
 
     launches = []
@@ -148,19 +120,37 @@ def _record_launch(call, config):
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
 
-    saved = (JITFunction.run, conv._pick_config, stats._pick_config, group_norm._pick_config, conv.check_device,
-             stats.check_device, group_norm.check_device)
+    saved = JITFunction.run
     JITFunction.run = record
-    conv._pick_config = lambda configs, *shape: config
-    stats._pick_config = group_norm._pick_config = lambda x: config
-    # The launchers only accept CUDA tensors once compiled; meta tensors stand in.
-    conv.check_device = stats.check_device = group_norm.check_device = lambda *a: None
     try:
-        call()
+        op.triton(*args)
     finally:
-        (JITFunction.run, conv._pick_config, stats._pick_config, group_norm._pick_config, conv.check_device,
-         stats.check_device, group_norm.check_device) = saved
+        JITFunction.run = saved
     return launches
+
+
+def launches_to_compile():
+    """Yield (op name, sample name, kernel, config index, args, kwargs) for every
+    kernel launch of every AOT sample: under every config of the kernel, or the
+    heuristic's only."""
+    import resfast  # noqa: F401  (loads the registry)
+    from resfast.kernels import SHIPPED, forced_configs
+    from resfast.ops.registry import OPS
+
+    for name, samples in AOT_SAMPLES.items():
+        for sample, make_args, every_config in samples:
+            launched = _record_launches(OPS[name], make_args())
+            for kernel_name in dict.fromkeys(k.__name__ for k, _, _ in launched):
+                shipped = SHIPPED[kernel_name]
+                configs = list(enumerate(shipped.configs)) if every_config else [(None, None)]
+                for idx, config in configs:
+                    with forced_configs({kernel_name: config} if config else {}):
+                        runs = [r for r in _record_launches(OPS[name], make_args()) if r[0].__name__ == kernel_name]
+                    for kernel, args, kwargs in runs[:1]:
+                        if idx is None:
+                            idx = next(i for i, c in enumerate(shipped.configs)
+                                       if all(kwargs.get(k) == v for k, v in c.items()))
+                        yield name, sample, kernel, idx, args, kwargs
 
 
 def _specialise(kernel, args, kwargs):
@@ -190,28 +180,25 @@ def _specialise(kernel, args, kwargs):
 
 
 def compile_all(arch):
-    """Yield one result dict per (variant, config) for compute capability `arch`."""
+    """Yield one result dict per (op sample, kernel, config) for compute capability `arch`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    for variant, (configs, call, _) in VARIANTS.items():
-        for idx, config in enumerate(configs):
-            result = dict(arch=arch, variant=variant, config=idx)
-            start = time.time()
-            try:
-                (kernel, args, kwargs), = _record_launch(call, config)
-                signature, constexprs, attrs, options = _specialise(kernel, args, kwargs)
-                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = triton.compile(src, target=target, options=options)
-                ptx = compiled.asm["ptx"]
-                result.update(kernel=kernel.__name__, shared=compiled.metadata.shared,
-                              wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx)
-            except Exception:
-                result["error"] = traceback.format_exc()
-            result["seconds"] = round(time.time() - start, 2)
-            yield result
+    for name, sample, kernel, idx, args, kwargs in launches_to_compile():
+        result = dict(arch=arch, sample=f"{name}-{sample}", kernel=kernel.__name__, config=idx)
+        start = time.time()
+        try:
+            signature, constexprs, attrs, options = _specialise(kernel, args, kwargs)
+            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(src, target=target, options=options)
+            ptx = compiled.asm["ptx"]
+            result.update(shared=compiled.metadata.shared, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx)
+        except Exception:
+            result["error"] = traceback.format_exc()
+        result["seconds"] = round(time.time() - start, 2)
+        yield result
 
 
 @pytest.fixture(scope="module")
@@ -229,26 +216,40 @@ def compiled():
         assert proc.returncode == 0, f"sm_{arch} compile subprocess failed:\n{err[-4000:]}"
         for line in out.splitlines():
             r = json.loads(line)
-            results[(r["arch"], r["variant"], r["config"])] = r
+            results.setdefault((r["arch"], r["sample"]), []).append(r)
     return results
 
 
-CASES = [(arch, variant, idx) for arch in SHARED_LIMIT for variant, (configs, _, _) in VARIANTS.items()
-         for idx in range(len(configs))]
+CASES = [(arch, f"{name}-{sample}") for arch in SHARED_LIMIT for name, samples in AOT_SAMPLES.items()
+         for sample, _, _ in samples]
 
 
-@pytest.mark.parametrize("arch,variant,config", CASES,
-                         ids=[f"sm{a}-{v}-cfg{i}" for a, v, i in CASES])
-def test_aot_compile(compiled, arch, variant, config):
-    r = compiled[(arch, variant, config)]
-    assert "error" not in r, r["error"]
-    assert r["shared"] <= SHARED_LIMIT[arch], (
-        f"{r['kernel']} config {VARIANTS[variant][0][config]} needs {r['shared']} B shared memory "
-        f"> {SHARED_LIMIT[arch]} B on sm_{arch}")
-    if VARIANTS[variant][2]:
-        # wgmma needs >= 64-row tiles per warpgroup; smaller tiles fall back to mma.sync.
-        uses_tensor_cores = r["mma_sync"] or (arch >= 90 and r["wgmma"])
-        assert uses_tensor_cores, f"{r['kernel']} on sm_{arch} emitted no tensor-core MMA"
+@pytest.mark.parametrize("arch,sample", CASES, ids=[f"sm{a}-{s}" for a, s in CASES])
+def test_aot_compile(compiled, arch, sample):
+    from resfast.kernels import SHIPPED
+
+    results = compiled.get((arch, sample), [])
+    assert results, f"{sample} launched no Triton kernel"
+    for r in results:
+        what = f"{r['kernel']} config {r['config']} ({sample}, sm_{arch})"
+        assert "error" not in r, f"{what}:\n{r['error']}"
+        assert r["shared"] <= SHARED_LIMIT[arch], f"{what} needs {r['shared']} B shared memory > {SHARED_LIMIT[arch]} B"
+        if SHIPPED[r["kernel"]].tensor_cores:
+            # wgmma needs >= 64-row tiles per warpgroup; smaller tiles fall back to mma.sync.
+            assert r["mma_sync"] or (arch >= 90 and r["wgmma"]), f"{what} emitted no tensor-core MMA"
+
+
+def test_every_triton_op_and_shipped_config_is_compiled(compiled):
+    """The registry's Triton implementations all have AOT samples, and every
+    config of every shipped kernel was compiled for both targets."""
+    from resfast.kernels import SHIPPED
+    from resfast.ops.registry import OPS
+
+    assert set(AOT_SAMPLES) == {name for name, op in OPS.items() if op.triton is not None}
+    for arch in SHARED_LIMIT:
+        done = {(r["kernel"], r["config"]) for (a, _), rs in compiled.items() if a == arch for r in rs}
+        wanted = {(name, i) for name, shipped in SHIPPED.items() for i in range(len(shipped.configs))}
+        assert wanted <= done, f"sm_{arch}: never compiled {sorted(wanted - done)}"
 
 
 if __name__ == "__main__":

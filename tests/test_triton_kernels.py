@@ -1,4 +1,6 @@
-"""Numerical tests of the Triton launchers against float64 torch references.
+"""Numerical tests of the Triton implementations (resfast.backend("triton"))
+against float64 torch references, at the launchers' edge cases: every
+layout, stride phases, split-K, folded statistics, and every shipped config.
 
 Runs on CUDA when available, otherwise on CPU under the Triton interpreter:
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_kernels.py -q
@@ -14,36 +16,26 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 
 import torch.nn.functional as F  # noqa: E402
 
+import resfast  # noqa: E402
 from resfast.kernels import conv, stats  # noqa: E402
-from resfast.kernels import (  # noqa: E402
-    channel_stats,
-    channel_stats_backward,
-    norm_act_conv2d_backward_input,
-    norm_act_conv2d_backward_weight,
-    norm_act_conv2d_forward,
-)
+from utils import TOLERANCE  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative to the largest reference magnitude. fp32 runs with exact ("ieee")
-# dots, so only accumulation order differs from the float64 reference.
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+ops = torch.ops.resfast
+pytestmark = pytest.mark.usefixtures("poison_empty", "exact_fp32")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Make every torch.empty float buffer NaN so unwritten outputs or partials fail loudly."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+@pytest.fixture
+def exact_fp32(monkeypatch):
     if torch.cuda.is_available():
         # Kernels are checked with exact fp32 dots; TF32 would need looser tolerances.
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    with resfast.backend("triton"):
+        yield
 
 
 def assert_close(actual, expected, tol, what):
@@ -131,7 +123,15 @@ class Case:
 
     @property
     def conv_args(self):
-        return self.stride, self.padding, self.dilation, self.groups, self.activation
+        return list(self.stride), list(self.padding), list(self.dilation), self.groups, self.activation
+
+    def forward(self):
+        return ops.norm_act_conv2d(self.x, self.mean, self.scale, self.shift, self.weight, self.bias,
+                                   self.residual, *self.conv_args)
+
+    def backward(self, output_mask):
+        return ops.norm_act_conv2d_backward(self.grad_out, self.x, self.mean, self.scale, self.shift, self.weight,
+                                            *self.conv_args, None, output_mask)
 
     def reference(self):
         """Float64 forward output and autograd gradients (x, scale, shift, weight)."""
@@ -163,33 +163,30 @@ def expect_format(out, like, what):
 
 
 def test_forward(case):
-    y = norm_act_conv2d_forward(case.x, case.mean, case.scale, case.shift, case.weight, case.bias,
-                                case.residual, *case.conv_args)
+    y = case.forward()
     y_ref = case.reference()[0]
     assert y.dtype == case.wdtype
     expect_format(y, case.x, "y")
-    assert_close(y, y_ref, TOL[case.wdtype], f"{case.id} y")
+    assert_close(y, y_ref, TOLERANCE[case.wdtype], f"{case.id} y")
 
 
 def test_backward_input(case):
-    grad_x, grad_scale, grad_shift = norm_act_conv2d_backward_input(
-        case.grad_out, case.x, case.mean, case.scale, case.shift, case.weight, *case.conv_args)
+    grad_x, grad_scale, grad_shift, _ = case.backward([True, False])
     _, gx_ref, gscale_ref, gshift_ref, _ = case.reference()
     assert grad_x.dtype == case.dtype
     assert grad_scale.dtype == grad_shift.dtype == torch.float32
     expect_format(grad_x, case.x, "grad_x")
-    tol = TOL[case.wdtype]
+    tol = TOLERANCE[case.wdtype]
     assert_close(grad_x, gx_ref, tol, f"{case.id} grad_x")
     assert_close(grad_scale, gscale_ref, tol, f"{case.id} grad_scale")
     assert_close(grad_shift, gshift_ref, tol, f"{case.id} grad_shift")
 
 
 def test_backward_weight(case):
-    grad_w = norm_act_conv2d_backward_weight(case.grad_out, case.x, case.mean, case.scale,
-                                             case.shift, case.weight.shape, *case.conv_args)
+    grad_w = case.backward([False, True])[3]
     gw_ref = case.reference()[4]
     assert grad_w.dtype == case.wdtype
-    assert_close(grad_w, gw_ref, TOL[case.wdtype], f"{case.id} grad_weight")
+    assert_close(grad_w, gw_ref, TOLERANCE[case.wdtype], f"{case.id} grad_weight")
 
 
 def test_backward_weight_split_k():
@@ -197,12 +194,11 @@ def test_backward_weight_split_k():
     torch.manual_seed(7)
     c = Case(("split-k", 2, 5, 16, 20, 6, 3, 1, 1, 1, 1, "silu", "channels_last", False, False,
               torch.float32, torch.float32))
-    cfg = conv._pick_config(conv.WGRAD_CONFIGS, 6, 5, 2 * 16 * 20)
+    cfg = conv._gemm_config(conv._wgrad_kernel, conv.WGRAD_CONFIGS, 6, 5, 2 * 16 * 20)
     splits, _ = conv._wgrad_splits(9, 2 * 16 * 20, cfg["BLOCK_K"], c.x.device)
     assert splits > 1
-    grad_w = norm_act_conv2d_backward_weight(c.grad_out, c.x, c.mean, c.scale, c.shift,
-                                             c.weight.shape, *c.conv_args)
-    assert_close(grad_w, c.reference()[4], TOL[torch.float32], "split-k grad_weight")
+    grad_w = c.backward([False, True])[3]
+    assert_close(grad_w, c.reference()[4], TOLERANCE[torch.float32], "split-k grad_weight")
 
 
 def test_backward_input_stride_phase_without_taps():
@@ -210,10 +206,9 @@ def test_backward_input_stride_phase_without_taps():
     torch.manual_seed(3)
     c = Case(("k1s2", 1, 5, 5, 7, 6, 1, 2, 0, 1, 1, "relu", "nchw", False, False,
               torch.float32, torch.float32))
-    grad_x, _, _ = norm_act_conv2d_backward_input(c.grad_out, c.x, c.mean, c.scale, c.shift,
-                                                  c.weight, *c.conv_args)
+    grad_x = c.backward([True, False])[0]
     assert (grad_x[:, :, 1::2] == 0).all() and (grad_x[:, :, :, 1::2] == 0).all()
-    assert_close(grad_x, c.reference()[1], TOL[torch.float32], "k1s2 grad_x")
+    assert_close(grad_x, c.reference()[1], TOLERANCE[torch.float32], "k1s2 grad_x")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -225,7 +220,7 @@ def test_channel_stats(layout, dtype, few_programs, monkeypatch):
         monkeypatch.setattr(stats, "multiprocessor_count", lambda device: 1)
     torch.manual_seed(11)
     x = make_x((4, 20, 13, 11), dtype, layout)
-    mean, var = channel_stats(x)
+    mean, var = ops.channel_stats(x)
     var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     assert mean.dtype == var.dtype == torch.float32
     assert_close(mean, mean_ref, 1e-5, "mean")
@@ -236,7 +231,7 @@ def test_channel_stats(layout, dtype, few_programs, monkeypatch):
 def test_channel_stats_large_mean(layout):
     torch.manual_seed(5)
     x = make_x((4, 3, 32, 32), torch.float32, layout) + 1e4
-    mean, var = channel_stats(x)
+    mean, var = ops.channel_stats(x)
     var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     assert_close(mean, mean_ref, 1e-6, "mean")
     rel = float(((var.double() - var_ref) / var_ref).abs().max())
@@ -250,33 +245,34 @@ def test_channel_stats_backward(layout, dtype):
     x = make_x((2, 6, 5, 7), dtype, layout)
     mean = x.double().mean(dim=(0, 2, 3)).float()
     grad_mean, grad_var = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
-    grad_x = channel_stats_backward(x, mean, grad_mean, grad_var)
+    grad_x = ops.channel_stats_backward(x, mean, grad_mean, grad_var)
     x64 = x.double().requires_grad_()
     var_ref, mean_ref = torch.var_mean(x64, dim=(0, 2, 3), correction=0)
     ref, = torch.autograd.grad((mean_ref, var_ref), x64, (grad_mean.double(), grad_var.double()))
     assert grad_x.dtype == dtype
     expect_format(grad_x, x, "grad_x")
-    assert_close(grad_x, ref, TOL[dtype], "stats grad_x")
+    assert_close(grad_x, ref, TOLERANCE[dtype], "stats grad_x")
 
-    only_mean = channel_stats_backward(x, mean, grad_mean, None)
+    only_mean = ops.channel_stats_backward(x, mean, grad_mean, torch.zeros_like(grad_var))
     expected = (grad_mean.double() / x[:, 0].numel())[None, :, None, None].expand(x.shape)
-    assert_close(only_mean, expected, TOL[dtype], "stats grad_x with grad_var=None")
+    assert_close(only_mean, expected, TOLERANCE[dtype], "stats grad_x with grad_var = 0")
 
 
 def test_rejects_unsupported_inputs():
+    """What the Triton implementations cannot take is refused by name."""
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
     mean, scale, shift = make_norm(4)
     w = torch.randn(4, 4, 3, 3, device=DEVICE)
-    args = (None, None, (1, 1), (1, 1), (1, 1), 1, "relu")
-    with pytest.raises(ValueError, match="x"):
-        norm_act_conv2d_forward(x.double(), mean, scale, shift, w.double(), *args)
-    with pytest.raises(TypeError, match="x"):
-        norm_act_conv2d_forward(x.to(torch.int32), mean, scale, shift, w, *args)
+    args = (None, None, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(TypeError, match="x: expected one of float32, float16, bfloat16"):
+        ops.norm_act_conv2d(x.double(), mean.double(), scale.double(), shift.double(), w.double(), *args, "relu")
+    with pytest.raises(TypeError, match="x: expected one of"):
+        ops.norm_act_conv2d(x.to(torch.int32), mean, scale, shift, w, *args, "relu")
     with pytest.raises(ValueError, match="4-D"):
-        norm_act_conv2d_forward(x[0], mean, scale, shift, w, *args)
+        ops.norm_act_conv2d(x[0], mean, scale, shift, w, *args, "relu")
     with pytest.raises(ValueError, match="activation"):
-        norm_act_conv2d_forward(x, mean, scale, shift, w, *args[:-1], "gelu")
-    with pytest.raises(ValueError, match="channel"):
-        norm_act_conv2d_forward(x, mean, scale, shift, w[:, :3], *args)
-    with pytest.raises(ValueError, match="x"):
-        channel_stats(x.double())
+        ops.norm_act_conv2d(x, mean, scale, shift, w, *args, "gelu")
+    with pytest.raises(ValueError, match="channels"):
+        ops.norm_act_conv2d(x, mean, scale, shift, w[:, :3], *args, "relu")
+    with pytest.raises(TypeError, match="x: expected one of float32, float16, bfloat16"):
+        ops.channel_stats(x.double())

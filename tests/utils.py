@@ -6,7 +6,7 @@ import torch
 import resfast
 
 # Largest error allowed, relative to the reference's largest magnitude.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def assert_close(actual, expected, dtype, name, tol=None, floor=0.0):
@@ -17,6 +17,8 @@ def assert_close(actual, expected, dtype, name, tol=None, floor=0.0):
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum().item()} non-finite elements"
+    if e.numel() == 0:
+        return
     scale = max(e.abs().max().item(), floor) or 1.0
     err = (a - e).abs()
     worst = err.max().item()
@@ -52,7 +54,7 @@ def _as_list(y):
     return [y] if isinstance(y, torch.Tensor) else list(y)
 
 
-def compare_models(ours, ref, x, training, backend="cpu", dtype=torch.float32, tol=None, grads=True):
+def compare_models(ours, ref, x, training, backend="auto", dtype=torch.float32, tol=None, grads=True):
     """Run both models (ref in float64) on x with the same output gradients
     and compare outputs (a tensor or a list of them), the input and parameter
     gradients, and the buffers."""

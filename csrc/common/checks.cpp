@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "layout.h"
+
 namespace resfast {
 
 Activation parse_activation(c10::string_view activation) {
@@ -100,11 +102,9 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArra
                     "padding: expected two non-negative integers, got ", padding);
   TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
                     "dilation: expected two positive integers, got ", dilation);
-  for (int d = 0; d < 2; ++d) {
-    const int64_t extent = x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1);
-    TORCH_CHECK_VALUE(extent > 0, "input: spatial size ", x.sizes(),
-                      " (padded) is smaller than the dilated kernel ", weight.sizes());
-  }
+  const auto out_size = conv_output_size(x, weight, stride, padding, dilation);
+  TORCH_CHECK_VALUE(out_size[0] > 0 && out_size[1] > 0, "input: spatial size ", x.sizes(),
+                    " (padded) is smaller than the dilated kernel ", weight.sizes());
 }
 
 void check_compute_dtype(const at::Tensor& x, const at::Tensor& weight) {

@@ -1,15 +1,4 @@
-"""Triton kernels (plain launchers; op registration lives in resfast.ops)."""
-from .conv import (
-    norm_act_conv2d_backward_input,
-    norm_act_conv2d_backward_weight,
-    norm_act_conv2d_forward,
-)
-from .stats import channel_stats, channel_stats_backward
-
-__all__ = [
-    "channel_stats",
-    "channel_stats_backward",
-    "norm_act_conv2d_backward_input",
-    "norm_act_conv2d_backward_weight",
-    "norm_act_conv2d_forward",
-]
+"""Triton kernels and their launchers (plain launchers: the ops, their
+argument checks and op-level algebra live in resfast.ops)."""
+from . import conv, group_norm, stats  # noqa: F401  (every kernel module, so SHIPPED lists every kernel)
+from ._common import SHIPPED, forced_configs  # noqa: F401

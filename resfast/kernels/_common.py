@@ -1,15 +1,54 @@
-"""Validation and launch helpers shared by the Triton kernel launchers."""
+"""What the Triton launchers share: the shipped-config table, launch-time
+assertions (arguments are checked by the ops layer, resfast.ops, before any
+launcher runs), and layout and dot-precision helpers."""
+
+import contextlib
+from typing import NamedTuple
+
 import torch
 from triton.runtime.jit import JITFunction
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from resfast.activations import activation_code  # noqa: F401  (the kernels' ACT constexpr)
 
-# Activation codes understood by the kernels' ACT constexpr.
-ACTIVATIONS = {"identity": 0, "relu": 1, "silu": 2}
 
-# Row indices (N*H*W positions) are kept in int32 inside the kernels; only
-# memory offsets are widened to int64.
-MAX_ROWS = 2**31 - 1
+class Shipped(NamedTuple):
+    """A kernel's configurations (launch keyword arguments: BLOCK_* tiles,
+    num_warps, num_stages) and whether it is meant to run on tensor cores."""
+
+    kernel: object
+    configs: list
+    tensor_cores: bool
+
+
+# kernel name -> Shipped: every kernel a launcher starts, with every config it
+# may pick. tests/test_triton_aot.py compiles each for sm_80 and sm_90, and the
+# interpreter tests force each one (forced_configs).
+SHIPPED: dict = {}
+_forced: dict = {}
+
+
+def ship(kernel, configs, tensor_cores=False):
+    SHIPPED[kernel.__name__] = Shipped(kernel, list(configs), tensor_cores)
+    return configs
+
+
+def config_for(kernel, heuristic):
+    """The config a launcher starts `kernel` with: the forced one, if any,
+    else its heuristic's choice (a zero-argument function)."""
+    return _forced.get(kernel.__name__) or heuristic()
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict):
+    """Launch the named kernels ({kernel name: config}) with the given
+    configs inside the block, whatever the launchers' heuristics pick."""
+    saved = dict(_forced)
+    _forced.update(configs)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
 
 
 def is_interpreted(kernel):
@@ -17,45 +56,11 @@ def is_interpreted(kernel):
     return not isinstance(kernel, JITFunction)
 
 
-def check_device(kernel, *tensors):
-    # Compiled kernels only accept CUDA tensors; the interpreter accepts any.
-    if is_interpreted(kernel):
-        return
-    for t in tensors:
-        if t is not None and t.device.type != "cuda":
-            raise ValueError(f"Triton kernels need CUDA tensors (got {t.device}); "
-                             "set TRITON_INTERPRET=1 to run them on CPU")
-
-
-def check_activation_tensor(name, t):
-    """4-D floating tensor in a dtype the Triton path supports."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if t.dtype == torch.float64:
-        raise ValueError(f"{name} is float64, which the Triton kernels do not support; "
-                         "use the reference path for double precision")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-
-
-def channel_vector(name, t, channels):
-    """Validated float32 (C,) vector, made contiguous because kernels index it densely."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if tuple(t.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
-    return t.contiguous()
-
-
-def activation_code(activation):
-    try:
-        return ACTIVATIONS[activation]
-    except KeyError:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}") from None
+def assert_launchable(kernel, *tensors):
+    # Compiled kernels run on CUDA tensors (meta ones stand in for them when
+    # only the launch arguments are wanted); the interpreter takes any.
+    assert is_interpreted(kernel) or all(t is None or t.device.type in ("cuda", "meta") for t in tensors), \
+        f"{kernel.__name__}: compiled Triton kernels need CUDA tensors"
 
 
 def is_channels_last(t):
@@ -86,7 +91,7 @@ def dot_options(kernel, dot_dtype):
 
 
 def multiprocessor_count(device):
-    # Only used to size split-K; under the interpreter any plausible value works.
+    # Only used to size grids; under the interpreter (and for meta tensors) any plausible value works.
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 108

@@ -14,19 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    activation_code,
-    channel_vector,
-    check_activation_tensor,
-    check_device,
-    dot_options,
-    empty_like_format,
-    MAX_ROWS,
-    multiprocessor_count,
-)
+from ._common import activation_code, assert_launchable, config_for, dot_options, empty_like_format, \
+    multiprocessor_count, ship
 
-# Shipped configurations; the launchers pick one with a shape heuristic and
-# tests/test_triton_aot.py compiles every entry for sm_80 and sm_90.
+# Shipped configurations; the launchers pick one with a shape heuristic.
 FWD_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
@@ -332,55 +323,35 @@ def _wgrad_kernel(
     tl.store(p_ptrs, acc, mask=oc_mask[:, None] & ci_mask[None, :])
 
 
-def _pick_config(configs, rows, cols, reduction):
-    """First config whose tiles are not mostly padding for this GEMM shape.
+ship(_fwd_kernel, FWD_CONFIGS, tensor_cores=True)
+ship(_dgrad_kernel, DGRAD_CONFIGS, tensor_cores=True)
+ship(_wgrad_kernel, WGRAD_CONFIGS, tensor_cores=True)
+
+
+def _gemm_config(kernel, configs, rows, cols, reduction):
+    """The forced config, else the first whose tiles are not mostly padding
+    for this GEMM shape.
 
     Configs are ordered largest first; a big tile is only worth it when both
     output dims fill it and the reduction is deep enough to amortise it.
     """
-    for cfg in configs:
-        if (cols >= cfg["BLOCK_N"] and rows >= cfg["BLOCK_M"]
-                and reduction >= 2 * cfg["BLOCK_K"]):
-            return cfg
-    return configs[-1]
+    def heuristic():
+        for cfg in configs:
+            if cols >= cfg["BLOCK_N"] and rows >= cfg["BLOCK_M"] and reduction >= 2 * cfg["BLOCK_K"]:
+                return cfg
+        return configs[-1]
+
+    return config_for(kernel, heuristic)
 
 
-def _launch_options(cfg):
-    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def _pair(name, v):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
-
-
-def _conv_geometry(x_shape, weight_shape, stride, padding, dilation, groups):
-    N, C, H, W = x_shape
-    if len(weight_shape) != 4:
-        raise ValueError(f"weight must be 4-D (OC, C/groups, KH, KW), got shape {tuple(weight_shape)}")
+def _conv_geometry(x, weight_shape, out_shape, stride, padding, dilation, groups):
+    """The sizes the kernels take. Arguments were checked by the ops layer;
+    the output size comes from the output (or its gradient)."""
+    N, C, H, W = x.shape
     OC, C_G, KH, KW = weight_shape
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if C != C_G * groups or OC % groups:
-        raise ValueError(f"channel mismatch: x has {C} channels, weight {tuple(weight_shape)}, "
-                         f"groups={groups}")
-    sh, sw = _pair("stride", stride)
-    ph, pw = _pair("padding", padding)
-    dh, dw = _pair("dilation", dilation)
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError("stride and dilation must be >= 1 and padding >= 0")
-    OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
-    OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
-    if OH < 1 or OW < 1:
-        raise ValueError(f"input {H}x{W} is too small for kernel {KH}x{KW} with padding {padding}, "
-                         f"dilation {dilation}")
-    return dict(N=N, C=C, H=H, W=W, OC=OC, C_G=C_G, OC_G=OC // groups, KH=KH, KW=KW, OH=OH, OW=OW,
-                stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups)
+    return dict(N=N, C=C, H=H, W=W, OC=OC, C_G=C_G, OC_G=OC // groups, KH=KH, KW=KW, OH=out_shape[2],
+                OW=out_shape[3], stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+                groups=groups)
 
 
 def _gemm_weight(weight):
@@ -396,19 +367,6 @@ def _gemm_weight(weight):
     return weight.contiguous(memory_format=torch.channels_last)
 
 
-def _check_common(x, mean, scale, shift, activation):
-    """Validates the prologue inputs; returns (mean, scale, shift, ACT code)."""
-    check_activation_tensor("x", x)
-    C = x.shape[1]
-    return (channel_vector("mean", mean, C), channel_vector("scale", scale, C),
-            channel_vector("shift", shift, C), activation_code(activation))
-
-
-def _check_rows(rows):
-    if rows > MAX_ROWS:
-        raise ValueError(f"N*H*W = {rows} positions exceeds the kernels' int32 row index")
-
-
 def _conv_args(geo):
     sh, sw = geo["stride"]
     ph, pw = geo["padding"]
@@ -416,28 +374,7 @@ def _conv_args(geo):
     return (sh, sw, ph, pw, dh, dw)
 
 
-def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, stride, padding,
-                            dilation, groups, activation):
-    """y = conv2d(act((x - mean) * scale + shift), weight, bias, ...) (+ residual)."""
-    y, _ = _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                    activation, None, False)
-    return y
-
-
-def norm_act_conv2d_forward_into(x, mean, scale, shift, weight, bias, residual, stride, padding,
-                                 dilation, groups, activation, out, compute_stats):
-    """The forward storing into `out` (any strides: a channel slice of a larger
-    buffer). Returns the per-channel float32 (mean, biased variance) of the
-    stored values when compute_stats, else two empty tensors."""
-    _, stats = _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                        activation, out, compute_stats)
-    if stats is None:
-        empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return empty, empty.clone()
-    return stats
-
-
-def _merge_tile_moments(partials, rows, block_m):
+def _channel_moments(partials, rows, block_m):
     """Per-channel (mean, biased variance) from per-row-tile (mean, M2): the
     parallel combination of Chan et al. over all tiles at once, in float64
     and a fixed order."""
@@ -450,36 +387,22 @@ def _merge_tile_moments(partials, rows, block_m):
     return mean.float(), (m2_total / rows).float()
 
 
-def _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
-             out, compute_stats):
-    mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
-    check_activation_tensor("weight", weight)
-    if x.dtype != weight.dtype and x.dtype != torch.float32:
-        raise TypeError(f"x ({x.dtype}) must match weight ({weight.dtype}) or be float32 (autocast)")
-    geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    y_shape = (geo["N"], geo["OC"], geo["OH"], geo["OW"])
-    if bias is not None and (tuple(bias.shape) != (geo["OC"],) or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be {weight.dtype} of shape ({geo['OC']},), "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
-    if residual is not None and (tuple(residual.shape) != y_shape or residual.dtype != weight.dtype):
-        raise ValueError(f"residual must be {weight.dtype} of shape {y_shape}, "
-                         f"got {residual.dtype} {tuple(residual.shape)}")
-    check_device(_fwd_kernel, x, mean, scale, shift, weight, bias, residual)
+# Every launcher takes x NCHW- or channels_last-contiguous (or any strides:
+# the kernels are stride-generic), float32 contiguous (C,) mean/scale/shift,
+# and arguments the ops layer has checked.
+def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                            activation, out, compute_stats):
+    """out = conv2d(act((x - mean) * scale + shift), weight, bias, ...) (+ residual);
+    out may have any strides (a channel slice of a larger buffer). Returns the
+    per-channel float32 (mean, biased variance) of the stored values when
+    compute_stats, else None."""
+    assert_launchable(_fwd_kernel, x, mean, scale, shift, weight, bias, residual, out)
+    geo = _conv_geometry(x, weight.shape, out.shape, stride, padding, dilation, groups)
     weight = _gemm_weight(weight)
-
-    if out is None:
-        y = empty_like_format(x, y_shape, weight.dtype)
-    elif tuple(out.shape) != y_shape or out.dtype != weight.dtype:
-        raise ValueError(f"out must be {weight.dtype} of shape {y_shape}, got {out.dtype} {tuple(out.shape)}")
-    else:
-        y = out
     rows = geo["N"] * geo["OH"] * geo["OW"]
-    _check_rows(rows)
-    if compute_stats and rows == 0:
-        raise ValueError("compute_stats: needs at least one output value per channel")
-    if y.numel() == 0:
-        return y, None
-    cfg = _pick_config(FWD_CONFIGS, rows, geo["OC_G"], geo["KH"] * geo["KW"] * geo["C_G"])
+    if out.numel() == 0:
+        return None
+    cfg = _gemm_config(_fwd_kernel, FWD_CONFIGS, rows, geo["OC_G"], geo["KH"] * geo["KW"] * geo["C_G"])
     k_iters = geo["KH"] * geo["KW"] * triton.cdiv(geo["C_G"], cfg["BLOCK_K"])
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(geo["OC_G"], cfg["BLOCK_N"]), groups)
     # Never dereferenced when the matching HAS_* flag is off; weight is a
@@ -491,16 +414,15 @@ def _forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dil
     stats = (torch.empty((2, grid[0], geo["OC"]), dtype=torch.float32, device=x.device) if compute_stats
              else weight)
     _fwd_kernel[grid](
-        x, mean, scale, shift, weight, bias_arg, res_arg, y, stats,
+        x, mean, scale, shift, weight, bias_arg, res_arg, out, stats,
         geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], geo["KW"],
         k_iters,
-        *x.stride(), *weight.stride(), *res_strides, *y.stride(),
+        *x.stride(), *weight.stride(), *res_strides, *out.stride(),
         *_conv_args(geo),
-        ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_STATS=compute_stats,
-        **dot_options(_fwd_kernel, weight.dtype),
-        **_launch_options(cfg),
+        ACT=activation_code(activation), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_STATS=compute_stats, **dot_options(_fwd_kernel, weight.dtype), **cfg,
     )
-    return y, _merge_tile_moments(stats, rows, cfg["BLOCK_M"]) if compute_stats else None
+    return _channel_moments(stats, rows, cfg["BLOCK_M"]) if compute_stats else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -532,19 +454,12 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
     grad_scale / grad_shift are float32 (C,) sums over (N, H, W) of dz * (x - mean)
     and dz, reduced deterministically from per-tile partials.
     """
-    mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
-    check_activation_tensor("weight", weight)
-    check_activation_tensor("grad_out", grad_out)
-    geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    y_shape = (geo["N"], geo["OC"], geo["OH"], geo["OW"])
-    if tuple(grad_out.shape) != y_shape:
-        raise ValueError(f"grad_out must have shape {y_shape}, got {tuple(grad_out.shape)}")
-    check_device(_dgrad_kernel, grad_out, x, mean, scale, shift, weight)
+    assert_launchable(_dgrad_kernel, grad_out, x, mean, scale, shift, weight)
+    geo = _conv_geometry(x, weight.shape, grad_out.shape, stride, padding, dilation, groups)
     weight = _gemm_weight(weight)
 
     grad_x = empty_like_format(x, x.shape, x.dtype)
     C = geo["C"]
-    _check_rows(x.numel() // max(C, 1))
     sh, sw = geo["stride"]
     hp, wp = triton.cdiv(geo["H"], sh), triton.cdiv(geo["W"], sw)
     rows = geo["N"] * hp * wp
@@ -552,7 +467,7 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
         grad_x.zero_()
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
         return grad_x, zeros, zeros.clone()
-    cfg = _pick_config(DGRAD_CONFIGS, rows, geo["C_G"], geo["KH"] * geo["KW"] * geo["OC_G"])
+    cfg = _gemm_config(_dgrad_kernel, DGRAD_CONFIGS, rows, geo["C_G"], geo["KH"] * geo["KW"] * geo["OC_G"])
     taps, ntaps = _phase_taps(geo["KH"], geo["KW"], geo["stride"], geo["padding"],
                               geo["dilation"], x.device)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(geo["C_G"], cfg["BLOCK_N"]),
@@ -565,8 +480,7 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
         geo["KW"], geo["KH"] * geo["KW"],
         *grad_out.stride(), *x.stride(), *weight.stride(), *grad_x.stride(),
         *_conv_args(geo),
-        ACT=act, **dot_options(_dgrad_kernel, weight.dtype),
-        **_launch_options(cfg),
+        ACT=activation_code(activation), **dot_options(_dgrad_kernel, weight.dtype), **cfg,
     )
     return grad_x, partials[0].sum(dim=0), partials[1].sum(dim=0)
 
@@ -585,20 +499,13 @@ def _wgrad_splits(base_programs, positions, block_k, device):
 def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shape, stride, padding,
                                     dilation, groups, activation):
     """grad_weight of the fused unit, in grad_out's dtype (= weight dtype), fp32-accumulated."""
-    mean, scale, shift, act = _check_common(x, mean, scale, shift, activation)
-    check_activation_tensor("grad_out", grad_out)
+    assert_launchable(_wgrad_kernel, grad_out, x, mean, scale, shift)
     weight_shape = tuple(int(s) for s in weight_shape)
-    geo = _conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
-    y_shape = (geo["N"], geo["OC"], geo["OH"], geo["OW"])
-    if tuple(grad_out.shape) != y_shape:
-        raise ValueError(f"grad_out must have shape {y_shape}, got {tuple(grad_out.shape)}")
-    check_device(_wgrad_kernel, grad_out, x, mean, scale, shift)
-
+    geo = _conv_geometry(x, weight_shape, grad_out.shape, stride, padding, dilation, groups)
     positions = geo["N"] * geo["OH"] * geo["OW"]
-    _check_rows(positions)
     if grad_out.numel() == 0 or geo["C_G"] == 0:
         return torch.zeros(weight_shape, dtype=grad_out.dtype, device=x.device)
-    cfg = _pick_config(WGRAD_CONFIGS, geo["OC_G"], geo["C_G"], positions)
+    cfg = _gemm_config(_wgrad_kernel, WGRAD_CONFIGS, geo["OC_G"], geo["C_G"], positions)
     tiles_n = triton.cdiv(geo["C_G"], cfg["BLOCK_N"])
     tiles = triton.cdiv(geo["OC_G"], cfg["BLOCK_M"]) * tiles_n
     taps = geo["KH"] * geo["KW"]
@@ -611,7 +518,6 @@ def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shap
         geo["KH"], geo["KW"], iters, tiles_n,
         *grad_out.stride(), *x.stride(),
         *_conv_args(geo),
-        ACT=act, **dot_options(_wgrad_kernel, grad_out.dtype),
-        **_launch_options(cfg),
+        ACT=activation_code(activation), **dot_options(_wgrad_kernel, grad_out.dtype), **cfg,
     )
     return partials.sum(dim=0).to(grad_out.dtype)

@@ -15,26 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_code, check_activation_tensor, check_device, empty_like_format, \
-    is_channels_last, multiprocessor_count
+from ._common import activation_code, assert_launchable, config_for, empty_like_format, is_channels_last, \
+    multiprocessor_count, ship
 from .conv import _act, _act_grad
 from .stats import _merge_tile_moments
 
 # [BLOCK_HW, BLOCK_C] tiles: wide in channels for channels_last, tall in
-# pixels for NCHW. tests/test_triton_aot.py compiles every entry.
+# pixels for NCHW.
 GN_CONFIGS = [
     dict(BLOCK_HW=32, BLOCK_C=64, num_warps=4, num_stages=2),
     dict(BLOCK_HW=256, BLOCK_C=4, num_warps=4, num_stages=2),
 ]
-
-
-def _pick_config(x):
-    return GN_CONFIGS[0] if is_channels_last(x) else GN_CONFIGS[1]
-
-
-def _launch_options(cfg):
-    return dict(BLOCK_HW=cfg["BLOCK_HW"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
 
 
 def _strides(t):
@@ -86,8 +77,9 @@ def _gn_apply_kernel(
     x_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, HW, C, sn, shw, sc, syn, syhw, syc,
     ACT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    # Pixel tiles on grid axis 0, the one without a 65,535 limit.
+    pid_n = tl.program_id(1)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs, mask = _tile(pid_n, hw, c, HW, C, sn, shw, sc)
     y_offs, _ = _tile(pid_n, hw, c, HW, C, syn, syhw, syc)
@@ -139,8 +131,9 @@ def _gn_input_grad_kernel(
     ACT: tl.constexpr, HAS_GY: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grad_x = a + b * (x - mean) [+ act'(z) * grad_y * scale], per-(n, c) a, b, mean, scale, shift.
-    pid_n = tl.program_id(0)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    # Pixel tiles on grid axis 0, the one without a 65,535 limit.
+    pid_n = tl.program_id(1)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs, mask = _tile(pid_n, hw, c, HW, C, sn, shw, sc)
     o_offs, _ = _tile(pid_n, hw, c, HW, C, son, sohw, soc)
@@ -160,6 +153,16 @@ def _gn_input_grad_kernel(
     tl.store(gx_ptr + o_offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+ship(_gn_stats_partial_kernel, GN_CONFIGS)
+ship(_gn_apply_kernel, GN_CONFIGS)
+ship(_gn_backward_partial_kernel, GN_CONFIGS)
+ship(_gn_input_grad_kernel, GN_CONFIGS)
+
+
+def _config(kernel, x):
+    return config_for(kernel, lambda: GN_CONFIGS[0] if is_channels_last(x) else GN_CONFIGS[1])
+
+
 def _splits(x, cfg):
     """Pixel range per program: enough programs for ~4 waves over (N, C tiles)."""
     n, c, h, w = x.shape
@@ -170,22 +173,17 @@ def _splits(x, cfg):
     return triton.cdiv(h * w, per_prog), per_prog
 
 
-def _check(x):
-    check_activation_tensor("x", x)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError("x: expected an NCHW- or channels_last-contiguous tensor")
-
-
-def launch_stats_partials(x, cfg=None):
+# Every launcher takes NCHW- or channels_last-contiguous tensors and (N, C)
+# float32 parameters.
+def launch_stats_partials(x):
     """(4, N, S, C) float32 per-channel (count, pivot, mean - pivot, M2) of S pixel ranges per sample."""
-    _check(x)
-    check_device(_gn_stats_partial_kernel, x)
-    cfg = cfg or _pick_config(x)
+    assert_launchable(_gn_stats_partial_kernel, x)
+    cfg = _config(_gn_stats_partial_kernel, x)
     n, c, h, w = x.shape
     splits, per_prog = _splits(x, cfg)
     part = torch.empty((4, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    _gn_stats_partial_kernel[grid](x, part, h * w, c, per_prog, *_strides(x), **_launch_options(cfg))
+    _gn_stats_partial_kernel[grid](x, part, h * w, c, per_prog, *_strides(x), **cfg)
     return part
 
 
@@ -201,102 +199,44 @@ def group_stats(x, num_groups):
     return mean.float(), (m2 / total).float()
 
 
-def _per_channel(per_group, channels):
-    return per_group.repeat_interleave(channels // per_group.shape[1], dim=1).contiguous()
-
-
-def apply(x, mean_c, scale_c, shift_c, activation, cfg=None):
-    """act((x - mean) * scale + shift) with (N, C) float32 parameters, laid out like x."""
-    _check(x)
-    check_device(_gn_apply_kernel, x)
-    cfg = cfg or _pick_config(x)
+def _elementwise_grid(x, cfg):
     n, c, h, w = x.shape
+    return (triton.cdiv(h * w, cfg["BLOCK_HW"]), n, triton.cdiv(c, cfg["BLOCK_C"]))
+
+
+def apply(x, mean_c, scale_c, shift_c, activation):
+    """act((x - mean) * scale + shift) with (N, C) float32 parameters, laid out like x."""
+    assert_launchable(_gn_apply_kernel, x, mean_c, scale_c, shift_c)
+    cfg = _config(_gn_apply_kernel, x)
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
     y = empty_like_format(x, x.shape, x.dtype)
-    grid = (n, triton.cdiv(h * w, cfg["BLOCK_HW"]), triton.cdiv(c, cfg["BLOCK_C"]))
-    _gn_apply_kernel[grid](x, y, mean_c, scale_c, shift_c, h * w, c, *_strides(x), *_strides(y),
-                           ACT=activation_code(activation), **_launch_options(cfg))
+    _gn_apply_kernel[_elementwise_grid(x, cfg)](x, y, mean_c, scale_c, shift_c, hw, c, *_strides(x), *_strides(y),
+                                                ACT=activation_code(activation), **cfg)
     return y
 
 
-def launch_backward_partials(grad_y, x, mean_c, scale_c, shift_c, activation, cfg=None):
+def launch_backward_partials(grad_y, x, mean_c, scale_c, shift_c, activation):
     """(2, N, S, C) float32 partial sums of dz = act'(z) * grad_y and of dz * (x - mean)."""
-    _check(x)
-    check_device(_gn_backward_partial_kernel, x, grad_y)
-    cfg = cfg or _pick_config(x)
+    assert_launchable(_gn_backward_partial_kernel, x, grad_y, mean_c, scale_c, shift_c)
+    cfg = _config(_gn_backward_partial_kernel, x)
     n, c, h, w = x.shape
     splits, per_prog = _splits(x, cfg)
     part = torch.empty((2, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
     _gn_backward_partial_kernel[grid](x, grad_y, part, mean_c, scale_c, shift_c, h * w, c, per_prog,
-                                      *_strides(x), *_strides(grad_y), ACT=activation_code(activation),
-                                      **_launch_options(cfg))
+                                      *_strides(x), *_strides(grad_y), ACT=activation_code(activation), **cfg)
     return part
 
 
-def input_grad(x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b, activation, cfg=None):
+def input_grad(x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b, activation):
     """coef_a + coef_b * (x - mean) [+ act'(z) * grad_y * scale] in x's dtype and layout."""
-    _check(x)
-    check_device(_gn_input_grad_kernel, x, grad_y)
-    cfg = cfg or _pick_config(x)
-    n, c, h, w = x.shape
+    assert_launchable(_gn_input_grad_kernel, x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b)
+    cfg = _config(_gn_input_grad_kernel, x)
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
     gx = empty_like_format(x, x.shape, x.dtype)
     has_gy = grad_y is not None
     gy = grad_y if has_gy else x
-    grid = (n, triton.cdiv(h * w, cfg["BLOCK_HW"]), triton.cdiv(c, cfg["BLOCK_C"]))
-    _gn_input_grad_kernel[grid](x, gy, gx, mean_c, scale_c, shift_c, coef_a, coef_b, h * w, c, *_strides(x),
-                                *_strides(gy), *_strides(gx), ACT=activation_code(activation), HAS_GY=has_gy,
-                                **_launch_options(cfg))
+    _gn_input_grad_kernel[_elementwise_grid(x, cfg)](x, gy, gx, mean_c, scale_c, shift_c, coef_a, coef_b, hw, c,
+                                                     *_strides(x), *_strides(gy), *_strides(gx),
+                                                     ACT=activation_code(activation), HAS_GY=has_gy, **cfg)
     return gx
-
-
-def group_stats_backward(x, mean, grad_mean, grad_var):
-    count = x[0].numel() // mean.shape[1]
-    c = x.shape[1]
-    mean_c = _per_channel(mean, c)
-    coef_a = _per_channel(grad_mean / count, c)
-    coef_b = _per_channel(2 * grad_var / count, c)
-    return input_grad(x, None, mean_c, mean_c, mean_c, coef_a, coef_b, "identity")
-
-
-def _channel_params(x, mean, rstd, weight, bias):
-    n, c = x.shape[:2]
-    mean_c = _per_channel(mean, c)
-    scale_c = _per_channel(rstd, c)
-    if weight is not None:
-        scale_c = (scale_c * weight.float()).contiguous()
-    shift_c = (torch.zeros((n, c), dtype=torch.float32, device=x.device) if bias is None
-               else bias.float().expand(n, c).contiguous())
-    return mean_c, scale_c, shift_c
-
-
-def group_norm(x, num_groups, weight, bias, eps, activation):
-    mean, var = group_stats(x, num_groups)
-    rstd = torch.rsqrt(var + eps)
-    y = apply(x, *_channel_params(x, mean, rstd, weight, bias), activation)
-    return y, mean, rstd
-
-
-def group_norm_backward(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
-    n, c = x.shape[:2]
-    groups = mean.shape[1]
-    mean_c, scale_c, shift_c = _channel_params(x, mean, rstd, weight, bias)
-    sums = launch_backward_partials(grad_y, x, mean_c, scale_c, shift_c, activation).double().sum(2)
-    sum_dz, sum_dz_x = sums.unbind(0)  # (N, C) each
-    grad_x = grad_weight = grad_bias = None
-    if output_mask[1]:
-        grad_weight = (sum_dz_x * _per_channel(rstd.double(), c)).sum(0)
-        grad_weight = grad_weight.to(torch.float32 if weight is None else weight.dtype)
-    if output_mask[2]:
-        grad_bias = sum_dz.sum(0).to(torch.float32 if bias is None else bias.dtype)
-    if output_mask[0]:
-        # grad_x = dz * scale - rstd / M * S1 - (x - mean) * rstd^3 / M * S2 with
-        # S1 = sum_c weight * sum(dz), S2 = sum_c weight * sum(dz * (x - mean)).
-        w = torch.ones(c, dtype=torch.float64, device=x.device) if weight is None else weight.double()
-        s1 = (sum_dz * w).reshape(n, groups, -1).sum(2)
-        s2 = (sum_dz_x * w).reshape(n, groups, -1).sum(2)
-        count = x[0].numel() // groups
-        r = rstd.double()
-        coef_a = _per_channel((-r * s1 / count).float(), c)
-        coef_b = _per_channel((-r**3 * s2 / count).float(), c)
-        grad_x = input_grad(x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b, activation)
-    return grad_x, grad_weight, grad_bias

@@ -10,17 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    channel_vector,
-    check_activation_tensor,
-    check_device,
-    empty_like_format,
-    MAX_ROWS,
-    multiprocessor_count,
-)
+from ._common import assert_launchable, config_for, empty_like_format, multiprocessor_count, ship
 
 # Tall tiles when rows are the contiguous direction (NCHW), wide tiles when
-# channels are (channels_last). tests/test_triton_aot.py compiles every entry.
+# channels are (channels_last).
 STATS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_C=8, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_C=64, num_warps=4, num_stages=2),
@@ -104,34 +97,22 @@ def _stats_backward_kernel(
     tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-def _pick_config(x):
+ship(_stats_partial_kernel, STATS_CONFIGS)
+ship(_stats_backward_kernel, STATS_CONFIGS)
+
+
+def _config(kernel, x):
     # Tile along whichever of rows / channels is contiguous in memory.
-    return STATS_CONFIGS[1] if x.stride(1) == 1 else STATS_CONFIGS[0]
-
-
-def _rows(x):
-    n, _, h, w = x.shape
-    rows = n * h * w
-    if rows > MAX_ROWS:
-        raise ValueError(f"N*H*W = {rows} positions exceeds the kernels' int32 row index")
-    return rows
-
-
-def _launch_options(cfg):
-    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+    return config_for(kernel, lambda: STATS_CONFIGS[1] if x.stride(1) == 1 else STATS_CONFIGS[0])
 
 
 def channel_stats(x):
-    """(mean, var) of x over (N, H, W): float32 (C,) each, biased variance."""
-    check_activation_tensor("x", x)
-    check_device(_stats_partial_kernel, x)
+    """(mean, var) of x over (N, H, W): float32 (C,) each, biased variance.
+    x: NCHW- or channels_last-contiguous, at least one value per channel."""
+    assert_launchable(_stats_partial_kernel, x)
     _, C, H, W = x.shape
-    M = _rows(x)
-    if M == 0 or C == 0:
-        nan = torch.full((C,), float("nan"), dtype=torch.float32, device=x.device)
-        return nan, nan.clone()
-    cfg = _pick_config(x)
+    M = x.shape[0] * H * W
+    cfg = _config(_stats_partial_kernel, x)
     c_tiles = triton.cdiv(C, cfg["BLOCK_C"])
     row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
     # Enough programs for ~4 waves; each keeps folding tiles in registers
@@ -140,8 +121,7 @@ def channel_stats(x):
     iters = triton.cdiv(row_tiles, min(row_tiles, want_programs))
     grid = (triton.cdiv(row_tiles, iters), c_tiles)
     partials = torch.empty((3, grid[0], C), dtype=torch.float32, device=x.device)
-    _stats_partial_kernel[grid](x, partials, M, C, H * W, W, iters, *x.stride(),
-                                **_launch_options(cfg))
+    _stats_partial_kernel[grid](x, partials, M, C, H * W, W, iters, *x.stride(), **cfg)
     count, mean_p, m2_p = partials.double().unbind(0)
     mean = (count * mean_p).sum(dim=0) / M
     m2 = m2_p.sum(dim=0) + (count * (mean_p - mean) ** 2).sum(dim=0)
@@ -149,26 +129,16 @@ def channel_stats(x):
 
 
 def channel_stats_backward(x, mean, grad_mean, grad_var):
-    """grad_x = grad_mean/M + grad_var * 2 (x - mean)/M, in x's dtype and memory format.
-
-    grad_mean / grad_var may be None (output unused by autograd) and count as zero.
-    """
-    check_activation_tensor("x", x)
+    """grad_x = grad_mean/M + grad_var * 2 (x - mean)/M, in x's dtype and memory
+    format; mean, grad_mean, grad_var: contiguous float32 (C,)."""
+    assert_launchable(_stats_backward_kernel, x, mean, grad_mean, grad_var)
     _, C, H, W = x.shape
-    if grad_mean is None:
-        grad_mean = torch.zeros(C, dtype=torch.float32, device=x.device)
-    if grad_var is None:
-        grad_var = torch.zeros(C, dtype=torch.float32, device=x.device)
-    mean = channel_vector("mean", mean, C)
-    grad_mean = channel_vector("grad_mean", grad_mean, C)
-    grad_var = channel_vector("grad_var", grad_var, C)
-    check_device(_stats_backward_kernel, x, mean, grad_mean, grad_var)
     grad_x = empty_like_format(x, x.shape, x.dtype)
-    M = _rows(x)
+    M = x.shape[0] * H * W
     if grad_x.numel() == 0:
         return grad_x
-    cfg = _pick_config(x)
+    cfg = _config(_stats_backward_kernel, x)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _stats_backward_kernel[grid](x, mean, grad_mean, grad_var, grad_x, 1.0 / M, M, C, H * W, W,
-                                 *x.stride(), *grad_x.stride(), **_launch_options(cfg))
+                                 *x.stride(), *grad_x.stride(), **cfg)
     return grad_x

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast.nn import BNReLUConv2d, PreActBottleneck
-from resfast.nn.norm_act_conv import batch_norm_affine, norm_conv
+from resfast.nn.batch_norm import bn_affine
+from resfast.nn.norm_conv import norm_conv
 
 
 def residual(in_chs, out_chs, stride=1):
@@ -79,7 +80,7 @@ class StackHead(nn.Module):
 
     def forward(self, x, y):
         features = self.fc(y)
-        affine = batch_norm_affine(features, self.norm, self.training)
+        affine = bn_affine(self.norm, features, self.training)
         heatmaps = norm_conv(features, affine, self.score)
         if self.fc_remap is None:
             return heatmaps, None

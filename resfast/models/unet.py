@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast.nn import PreActResBlock
-from resfast.nn.norm_act_conv import norm_affines, norm_conv_parts
+from resfast.nn.norm_conv import norm_affines, norm_conv_parts
 from resfast.nn.preact_res_block import NORMS, make_norm
 
 

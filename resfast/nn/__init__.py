@@ -2,7 +2,8 @@
 
 from resfast.nn.dense import DenseBlock, DenseLayer, Transition
 from resfast.nn.group_norm import GNActConv2d, GroupNorm, GroupNormAct
-from resfast.nn.norm_act_conv import BNReLUConv2d, SyncBatchNorm2d, convert_sync_batchnorm
+from resfast.nn.batch_norm import SyncBatchNorm2d, convert_sync_batchnorm
+from resfast.nn.norm_act_conv import BNReLUConv2d
 from resfast.nn.preact_blocks import PreActBasicBlock, PreActBottleneck, Projection
 from resfast.nn.preact_res_block import PreActResBlock
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast import ops
-from resfast.nn.norm_act_conv import batch_norm_args
+from resfast.nn.batch_norm import batch_norm_args
 
 
 class DenseLayer(nn.Module):
@@ -30,21 +30,11 @@ class DenseLayer(nn.Module):
         y = ops.batch_norm_act_conv2d(y, *batch_norm_args(self.norm2, self.training), self.conv2.weight, padding=1)
         return F.dropout(y, self.drop_rate, self.training) if self.drop_rate > 0 else y
 
-    def params(self, use_batch_stats: bool) -> "ops.dense.DenseLayerParams":
+    def params(self, use_batch_stats: bool) -> "ops.DenseLayerParams":
         running = () if use_batch_stats else (self.norm1.running_mean, self.norm1.running_var,
                                               self.norm2.running_mean, self.norm2.running_var)
-        return ops.dense.DenseLayerParams(self.norm1.weight, self.norm1.bias, self.conv1.weight, self.norm2.weight,
+        return ops.DenseLayerParams(self.norm1.weight, self.norm1.bias, self.conv1.weight, self.norm2.weight,
                                           self.norm2.bias, self.conv2.weight, *running)
-
-
-def _update_running(bn: nn.BatchNorm2d, factor: float, mean, var, count: int):
-    """nn.BatchNorm2d's running-statistics update from a batch's mean and
-    biased variance (stored unbiased)."""
-    if bn.running_mean is None:
-        return
-    with torch.no_grad():
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1 - factor).add_((var * (count / (count - 1))).to(bn.running_var.dtype), alpha=factor)
 
 
 class DenseBlock(nn.Module):
@@ -72,18 +62,20 @@ class DenseBlock(nn.Module):
             raise ValueError("DenseBlock: all BatchNorms of a block must use batch statistics alike (same "
                              "training mode and track_running_stats)")
         use_batch_stats = use_batch.pop()
-        buf, stats = ops.dense.dense_block(
+        buf, stats = ops.dense_block(
             x, [layer.params(use_batch_stats) for layer in layers], use_batch_stats,
             [layer.norm1.eps for layer in layers], [layer.norm2.eps for layer in layers],
             layers[0].drop_rate, self.training)
         if stats is not None and self.training:
             count = x.shape[0] * x.shape[2] * x.shape[3]
             growth = layers[0].conv2.out_channels
-            for i, layer in enumerate(layers):
-                c_in = x.shape[1] + i * growth
-                _update_running(layer.norm1, args[2 * i][5], stats.mean[:c_in], stats.var[:c_in], count)
-                _update_running(layer.norm2, args[2 * i + 1][5], stats.bottleneck_mean[i],
-                                stats.bottleneck_var[i], count)
+            # Each norm's batch statistics, in the order of `norms`: norm1 over the first c_in buffer channels.
+            batch = [pair for i in range(len(layers)) for pair in (
+                (stats.mean[:x.shape[1] + i * growth], stats.var[:x.shape[1] + i * growth]),
+                (stats.bottleneck_mean[i], stats.bottleneck_var[i]))]
+            for (running_mean, running_var, *_, factor, _), (mean, var) in zip(args, batch):
+                if running_mean is not None:
+                    ops.update_running_stats(running_mean, running_var, mean, var, count, factor)
         return buf
 
 
@@ -93,7 +85,7 @@ class _AvgPool2x2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y):
-        ctx.shape, ctx.format = y.shape, ops.layout.kernel_format(y)
+        ctx.shape, ctx.format = y.shape, ops.kernel_format(y)
         return F.avg_pool2d(y, 2)
 
     @staticmethod

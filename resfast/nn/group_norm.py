@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from resfast import ops
+from resfast.activations import check_activation
 from resfast.nn.norm_act_conv import NormActConvUnit
 
 
@@ -24,7 +25,7 @@ class GroupNormAct(nn.GroupNorm):
     nn.SiLU saves two."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
-        ops.functional.check_activation(activation)
+        check_activation(activation)
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.activation = activation
 

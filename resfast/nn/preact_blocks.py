@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.norm_act_conv import BATCH_NORMS, batch_norm_affine, check_conv_module, norm_conv
+from resfast.nn.batch_norm import BATCH_NORMS, bn_affine
+from resfast.nn.norm_conv import check_conv_module, norm_conv
 
 
 def make_divisible(v, divisor=8, round_limit=0.9):
@@ -96,10 +97,10 @@ class _PreActBlock(nn.Module):
         return norm_conv(x, affine, conv), None
 
     def _inner(self, h, bn, conv):
-        return self._unit(h[0], batch_norm_affine(h[0], bn, self.training, batch_stats=h[1]), conv)
+        return self._unit(h[0], bn_affine(bn, h[0], self.training, batch_stats=h[1]), conv)
 
     def _last(self, h, bn, conv, shortcut, output_stats):
-        affine = batch_norm_affine(h[0], bn, self.training, batch_stats=h[1])
+        affine = bn_affine(bn, h[0], self.training, batch_stats=h[1])
         if self.training and self.drop_path_rate > 0:
             # Stochastic depth scales the branch per sample before the add, so
             # the add (and so the output's statistics) cannot ride in the epilogue.
@@ -130,7 +131,7 @@ class PreActBasicBlock(_PreActBlock):
         self.drop_path_rate = drop_path_rate
 
     def _forward(self, x, x_stats, output_stats):
-        preact = batch_norm_affine(x, self.norm1, self.training, batch_stats=x_stats)
+        preact = bn_affine(self.norm1, x, self.training, batch_stats=x_stats)
         shortcut = self._shortcut(x, preact)
         h = self._unit(x, preact, self.conv1)
         return self._last(h, self.norm2, self.conv2, shortcut, output_stats)
@@ -166,7 +167,7 @@ class PreActBottleneck(_PreActBlock):
         self.drop_path_rate = drop_path_rate
 
     def _forward(self, x, x_stats, output_stats):
-        preact = batch_norm_affine(x, self.norm1, self.training, batch_stats=x_stats)
+        preact = bn_affine(self.norm1, x, self.training, batch_stats=x_stats)
         shortcut = self._shortcut(x, preact)
         h = self._unit(x, preact, self.conv1)
         h = self._inner(h, self.norm2, self.conv2)

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from resfast.nn.norm_act_conv import norm_affines, norm_conv_parts
-from resfast.ops.layout import kernel_format
+from resfast import ops
+from resfast.nn.norm_conv import norm_affines, norm_conv_parts
 
 NORMS = {"batch": "relu", "group": "silu"}
 
@@ -65,7 +65,7 @@ class PreActResBlock(nn.Module):
             shortcut = norm_conv_parts(parts, preact, self.downsample, self.activation)
         if self.crop:
             c = self.crop
-            shortcut = shortcut[..., c:-c, c:-c].contiguous(memory_format=kernel_format(shortcut))
+            shortcut = shortcut[..., c:-c, c:-c].contiguous(memory_format=ops.kernel_format(shortcut))
         h = norm_conv_parts(parts, preact, self.conv1, self.activation)
         return norm_conv_parts([h], norm_affines([h], self.norm2, self.training), self.conv2, self.activation,
                                residual=shortcut)

@@ -1,11 +1,21 @@
-"""Argument checks of the Python entry points and the Triton kernels, with the
-messages of the C++ kernels' checks (csrc/common/checks.cpp): each names the
-argument and what was expected."""
+"""Argument checks of the Python entry points and of the ops' Python kernels
+(the registry's op-level checks are built from these), with the messages of
+the C++ kernels' checks (csrc/common/checks.cpp): each names the argument and
+what was expected. The Triton launchers below only assert."""
 
 import torch
 
+from resfast.activations import check_activation  # noqa: F401  (re-exported: one list of activations)
+from resfast.ops.layout import conv_output_size, kernel_format
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ACTIVATIONS = ("identity", "relu", "silu")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The Triton kernels index rows (N*H*W positions) in int32.
+MAX_ROWS = 2**31 - 1
+
+
+def _dtype_names(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def check_activation_input(x, name="x", dtypes=FLOAT_DTYPES):
@@ -14,13 +24,18 @@ def check_activation_input(x, name="x", dtypes=FLOAT_DTYPES):
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name}: expected one of {names}, got {x.dtype}")
+        raise TypeError(f"{name}: expected one of {_dtype_names(dtypes)}, got {x.dtype}")
 
 
-def check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected 'identity', 'relu' or 'silu', got {activation!r}")
+def triton_input(x, name="x"):
+    """x for the Triton kernels: a dtype they support, at most MAX_ROWS
+    positions, contiguous in its kernel format (a no-op for NCHW and
+    channels_last tensors)."""
+    check_activation_input(x, name, TRITON_DTYPES)
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    if rows > MAX_ROWS:
+        raise ValueError(f"{name}: N*H*W = {rows} positions exceeds the kernels' int32 row index")
+    return x.contiguous(memory_format=kernel_format(x))
 
 
 def check_same_device(x, **tensors):
@@ -40,7 +55,7 @@ def check_conv_args(x, weight, stride, padding, dilation, groups):
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight: expected a 4-D (out_channels, in_channels/groups, kH, kW) tensor, got {shape}")
     check_same_device(x, weight=weight)
-    if not isinstance(groups, int) or groups <= 0:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"groups: expected a positive integer, got {groups!r}")
     if x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"groups: expected to divide in_channels ({x.shape[1]}) and out_channels "
@@ -52,7 +67,6 @@ def check_conv_args(x, weight, stride, padding, dilation, groups):
         if len(value) != 2 or any((not isinstance(v, int)) or v < low for v in value):
             kind = "positive" if low else "non-negative"
             raise ValueError(f"{name}: expected two {kind} integers, got {value!r}")
-    for d in range(2):
-        if x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) <= 0:
-            raise ValueError(f"input: spatial size {tuple(x.shape)} (padded) is smaller than the dilated kernel "
-                             f"{tuple(weight.shape)}")
+    if min(conv_output_size(x, weight, stride, padding, dilation)) < 1:
+        raise ValueError(f"input: spatial size {tuple(x.shape)} (padded) is smaller than the dilated kernel "
+                         f"{tuple(weight.shape)}")

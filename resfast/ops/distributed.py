@@ -13,9 +13,9 @@ shared statistics.
 import torch
 import torch.distributed as dist
 
-from resfast.ops.checks import check_activation_input, check_channel_vector, check_same_device
-from resfast.ops.functional import NormAffine, _check_finite, batch_norm_affine
+from resfast.ops.batch_norm import batch_norm_affine, check_batch_norm_args, update_running_stats
 from resfast.ops.layout import accumulation_dtype, kernel_format
+from resfast.ops.norm_act_conv import NormAffine
 
 ops = torch.ops.resfast
 
@@ -83,14 +83,7 @@ def sync_batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, mom
     nn.SyncBatchNorm does. Every rank must call it, in the same order. With a
     single process (or torch.distributed not initialised) it is
     batch_norm_affine(training=True)."""
-    check_activation_input(x)
-    _check_finite("eps", eps, low=0)
-    if running_mean is not None:
-        _check_finite("momentum", momentum)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias)):
-        check_channel_vector(x, name, t)
-    check_same_device(x, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias)
+    check_batch_norm_args(x, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
     world_size = sync_world_size(process_group)
     if world_size == 1:
         return batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
@@ -100,10 +93,7 @@ def sync_batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, mom
         raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} over "
                          f"{world_size} processes for input size {x.size()}")
     if running_mean is not None:
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / (total - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), total, momentum)
     acc = mean.dtype
     invstd = torch.rsqrt(var + eps)
     scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd

@@ -1,4 +1,5 @@
-"""Memory-format and argument normalisation shared by every backend."""
+"""Memory-format and shape rules shared by every backend (csrc/common/layout.h
+states the same for C++)."""
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -16,6 +17,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def conv_output_size(x, weight, stride, padding, dilation):
+    """A convolution's output (height, width); < 1 where the padded input is
+    smaller than the dilated kernel."""
     return [
         (x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
         for d in range(2)

@@ -1,0 +1,90 @@
+"""BatchNorm for the fused units: the arguments they take from an
+nn.BatchNorm2d (with its bookkeeping), synchronised BatchNorm for
+data-parallel training, and the module's normalisation of x as the fused
+op's NormAffine."""
+
+import torch
+from torch import nn
+
+from resfast import ops
+
+# The BatchNorm modules whose parameters and buffers the fused units use
+# (SyncBatchNorm2d is an nn.BatchNorm2d).
+BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def batch_norm_args(bn: nn.BatchNorm2d, training: bool):
+    """What nn.BatchNorm2d.forward passes to F.batch_norm (running statistics,
+    weight, bias, whether to use batch statistics, momentum factor, eps), with
+    its num_batches_tracked and cumulative-average bookkeeping. Call once per
+    forward: it counts the batch."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not training or bn.track_running_stats
+    return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
+            bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training-mode statistics are computed over every
+    process of `process_group` (default: the world), as nn.SyncBatchNorm's
+    are, and which, unlike nn.SyncBatchNorm, DistributedDataParallel accepts
+    on the CPU. Inside the fused units it only holds parameters, buffers and
+    the group; called on its own it normalises like nn.SyncBatchNorm."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not sync_process_group(self, self.training)[0]:
+            return super().forward(x)
+        mean, scale, shift, _ = bn_affine(self, x, True)
+        return ((x.to(mean.dtype) - mean[:, None, None]) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+
+
+def sync_process_group(bn: nn.Module, training: bool):
+    """(True, bn's process group) when bn is an nn.SyncBatchNorm or
+    SyncBatchNorm2d whose statistics are shared in this forward (training,
+    more than one process), else (False, None): nn.SyncBatchNorm's own rule."""
+    if isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm2d)) and training and \
+            ops.sync_world_size(bn.process_group) > 1:
+        return True, bn.process_group
+    return False, None
+
+
+def bn_affine(bn: nn.Module, x: torch.Tensor, training: bool, batch_stats=None) -> "ops.NormAffine":
+    """bn's normalisation of x (one statistics pass, or x's batch_stats when
+    its producer computed them; running statistics updated), with statistics
+    shared across processes when bn is a synced nn.SyncBatchNorm (which then
+    gathers its own). Call once per forward: it counts the batch."""
+    sync, group = sync_process_group(bn, training)
+    running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(bn, training)
+    if sync:
+        return ops.sync_batch_norm_affine(x, running_mean, running_var, weight, bias, factor, eps, group)
+    return ops.batch_norm_affine(x, running_mean, running_var, weight, bias, use_batch, factor, eps,
+                                 batch_stats=batch_stats)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """nn.SyncBatchNorm.convert_sync_batchnorm for resfast models: every
+    nn.BatchNorm2d and nn.SyncBatchNorm (exactly those types; subclasses with
+    their own forward are left alone), inside the fused units too, becomes a
+    SyncBatchNorm2d sharing its parameters and buffers, so training-mode
+    statistics are computed over all processes of `process_group` (default:
+    the world), under DistributedDataParallel on the CPU as well as on CUDA.
+    Converts in place; returns the module (a new one if `module` itself is a
+    BatchNorm)."""
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        bn = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats, process_group, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(bn, name, getattr(module, name))
+        return bn.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module

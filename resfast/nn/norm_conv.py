@@ -1,0 +1,85 @@
+"""The fused ops applied with nn modules' parameters: a norm module's
+normalisation of x (or of the parts of a channel concatenation) as
+NormAffines, and a convolution module applied to it, fused. The blocks and
+models share these."""
+
+import torch
+from torch import nn
+
+from resfast import ops
+from resfast.nn.batch_norm import BATCH_NORMS, batch_norm_args, sync_process_group
+
+
+def check_conv_module(conv: nn.Conv2d):
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        raise TypeError(f"conv: expected a plain nn.Conv2d, got {type(conv).__name__}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
+
+
+def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residual=None, activation="relu",
+              output_stats=False):
+    """conv(act(normalised x)) + residual, one fused op, with conv's
+    parameters; with output_stats, also the output's per-channel (mean, var)
+    from the epilogue: (y, (mean, var))."""
+    out = ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride,
+                                ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
+                                conv.groups, activation, output_stats=output_stats)
+    return (out[0], out[1:]) if output_stats else out
+
+
+def norm_affines(parts, norm: nn.Module, training: bool) -> list:
+    """`norm` (an nn.BatchNorm2d, nn.SyncBatchNorm or nn.GroupNorm) of the channel concatenation
+    of `parts`, as one NormAffine per part and without concatenating: BatchNorm
+    statistics are per channel, GroupNorm's per group, and no group may
+    straddle two parts. Running statistics are updated through views of the
+    module's buffers; a BatchNorm counts the batch once."""
+    widths = [p.shape[1] for p in parts]
+    if isinstance(norm, BATCH_NORMS):
+        channels = norm.num_features
+    elif isinstance(norm, nn.GroupNorm):
+        channels = norm.num_channels
+    else:
+        raise TypeError(f"norm: expected an nn.BatchNorm2d, nn.SyncBatchNorm or nn.GroupNorm, "
+                        f"got {type(norm).__name__}")
+    if sum(widths) != channels:
+        raise ValueError(f"input: expected {channels} channels in all, got {widths}")
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+
+    def part(t, start, width):
+        return None if t is None else t[start:start + width]
+
+    if isinstance(norm, BATCH_NORMS):
+        sync, group = sync_process_group(norm, training)
+        running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(norm, training)
+        if sync:
+            return [ops.sync_batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w),
+                                               part(weight, s, w), part(bias, s, w), factor, eps, group)
+                    for x, s, w in zip(parts, starts, widths)]
+        return [ops.batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w), part(weight, s, w),
+                                      part(bias, s, w), use_batch, factor, eps)
+                for x, s, w in zip(parts, starts, widths)]
+    group_size = norm.num_channels // norm.num_groups
+    if any(w % group_size for w in widths):
+        raise ValueError(f"input: each part's channels {widths} must hold whole groups of {group_size} channels")
+    return [ops.group_norm_affine(x, w // group_size, part(norm.weight, s, w), part(norm.bias, s, w), norm.eps)
+            for x, s, w in zip(parts, starts, widths)]
+
+
+def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
+    """conv(act(normalised concatenation of parts)) + residual, never
+    concatenated: each part is a slice of the convolution's input channels,
+    and each partial sum reaches the next part's convolution as its residual,
+    added in the epilogue."""
+    if len(parts) > 1 and conv.groups != 1:
+        raise ValueError(f"conv: a split input needs groups=1, got {conv.groups}")
+    # One split, not a slice per part: the slices' backward would zero-fill
+    # and copy a whole weight-sized gradient for each part.
+    weights = conv.weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (conv.weight,)
+    y = residual
+    for i, (x, affine, weight) in enumerate(zip(parts, affines, weights)):
+        bias = conv.bias if i == len(parts) - 1 else None
+        y = ops.affine_act_conv2d(x, affine, weight, bias, y, conv.stride,
+                                  ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
+                                  conv.groups, activation)
+    return y

@@ -1,0 +1,236 @@
+"""Sample inputs for every op of the registry (resfast/ops/registry.py): one
+generator per op, which tests/test_ops.py feeds to the comparison with the
+reference on every backend, to gradcheck and to torch.library.opcheck.
+
+A generator takes (dtype, device) and returns Samples: fresh random inputs
+(never zeros) covering both layouts, odd sizes, channel slices, per-channel
+and per-(sample, channel) parameters, and every optional argument.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+CL = torch.channels_last
+
+
+@dataclass
+class Sample:
+    name: str
+    args: tuple
+    # gradcheck-able: the op's value is a function of its inputs (not so when
+    # batch_invstd declares mean and scale to be x's own statistics).
+    differentiable: bool = True
+    opcheck: bool = False  # also run torch.library.opcheck (slow: a few per op)
+    # The arguments gradcheck differentiates (indices; None: every float tensor).
+    grad_args: Optional[tuple] = None
+
+
+def _x(shape, dtype, device, layout="nchw"):
+    x = torch.randn(shape, dtype=torch.float64, device=device) * 1.5 + 0.3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    elif layout == "slice":
+        # Channels 1.. of a wider tensor: neither contiguous layout.
+        wide = torch.randn((shape[0], shape[1] + 2, *shape[2:]), dtype=torch.float64, device=device) * 1.5 + 0.3
+        x = wide[:, 1:1 + shape[1]]
+    return x.to(dtype)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vec(shape, dtype, device, low=None):
+    v = torch.randn(shape, dtype=torch.float64, device=device)
+    if low is not None:
+        v = v.abs() + low
+    return v.to(_acc(dtype))
+
+
+def channel_stats(dtype, device):
+    return [Sample("nchw", (_x((3, 5, 7, 6), dtype, device),), opcheck=True),
+            Sample("cl", (_x((2, 4, 5, 3), dtype, device, "channels_last"),), opcheck=True),
+            Sample("slice", (_x((2, 4, 5, 3), dtype, device, "slice"),)),
+            Sample("large-mean", (_x((2, 3, 4, 5), dtype, device) + 300,))]
+
+
+def channel_stats_backward(dtype, device):
+    samples = []
+    for layout in ("nchw", "channels_last"):
+        x = _x((2, 6, 5, 7), dtype, device, layout)
+        vecs = [_vec(6, dtype, device) for _ in range(3)]
+        samples.append(Sample(layout, (x, *vecs), opcheck=True))
+    return samples
+
+
+def group_stats(dtype, device):
+    return [Sample("nchw", (_x((2, 6, 5, 4), dtype, device), 3), opcheck=True),
+            Sample("cl", (_x((2, 6, 5, 4), dtype, device, "channels_last"), 2), opcheck=True),
+            Sample("one-group", (_x((3, 4, 3, 3), dtype, device), 1)),
+            Sample("per-channel", (_x((2, 4, 3, 5), dtype, device, "channels_last"), 4))]
+
+
+def group_stats_backward(dtype, device):
+    samples = []
+    for layout in ("nchw", "channels_last"):
+        x = _x((2, 6, 5, 4), dtype, device, layout)
+        samples.append(Sample(layout, (x, *[_vec((2, 3), dtype, device) for _ in range(3)]), opcheck=True))
+    return samples
+
+
+def _gn_affine(c, dtype, device):
+    return _vec(c, dtype, device, low=0.5).to(dtype), _vec(c, dtype, device).to(dtype)
+
+
+def group_norm(dtype, device):
+    samples = []
+    for layout, act, affine in (("nchw", "silu", True), ("channels_last", "relu", False),
+                                ("nchw", "identity", False), ("channels_last", "silu", True)):
+        x = _x((2, 6, 5, 4), dtype, device, layout)
+        w, b = _gn_affine(6, dtype, device) if affine else (None, None)
+        samples.append(Sample(f"{layout}-{act}-{'affine' if affine else 'plain'}", (x, 3, w, b, 1e-5, act),
+                              opcheck=layout == "nchw"))
+    return samples
+
+
+def _gn_stats(x, groups):
+    var, mean = torch.var_mean(x.double().reshape(x.shape[0], groups, -1), dim=2, unbiased=False)
+    return mean.to(_acc(x.dtype)), (var + 1e-5).rsqrt().to(_acc(x.dtype))
+
+
+def group_norm_backward(dtype, device):
+    samples = []
+    for layout, act, mask, affine in (("nchw", "silu", [True, True, True], True),
+                                      ("channels_last", "relu", [True, True, False], True),
+                                      ("nchw", "identity", [True, False, False], False),
+                                      ("channels_last", "silu", [False, True, True], False)):
+        x = _x((2, 6, 5, 4), dtype, device, layout)
+        w, b = _gn_affine(6, dtype, device) if affine else (None, None)
+        mean, rstd = _gn_stats(x, 3)
+        grad_y = _x(x.shape, dtype, device, layout)
+        samples.append(Sample(f"{layout}-{act}", (grad_y, x, mean, rstd, w, b, act, mask), opcheck=layout == "nchw"))
+    return samples
+
+
+def group_norm_affine(dtype, device):
+    samples = []
+    for layout, affine in (("nchw", True), ("channels_last", False), ("slice", True)):
+        x = _x((2, 6, 5, 4), dtype, device, layout)
+        w, b = _gn_affine(6, dtype, device) if affine else (None, None)
+        # Differentiable with respect to weight and bias only (csrc/ops.cpp).
+        samples.append(Sample(layout, (x, 3, w, b, 1e-5), opcheck=layout != "slice", grad_args=(2, 3)))
+    return samples
+
+
+# (name, N, C, H, W, OC, kernel, stride, padding, dilation, groups, activation, layout, bias, residual, params)
+# params: "channel" (C,) BatchNorm-style, "sample" (N, C) GroupNorm-style.
+_UNITS = [
+    ("k3-nchw-relu", 2, 4, 5, 6, 6, 3, 1, 1, 1, 1, "relu", "nchw", True, True, "channel"),
+    ("k1-cl-silu", 2, 5, 4, 3, 7, 1, 1, 0, 1, 1, "silu", "channels_last", False, False, "channel"),
+    ("k3s2-g2-identity", 1, 4, 7, 5, 6, 3, 2, 1, 1, 2, "identity", "nchw", False, True, "channel"),
+    ("k3d2-slice", 2, 4, 6, 6, 3, 3, 1, 2, 2, 1, "relu", "slice", True, False, "channel"),
+    ("gn-k3-cl-silu", 2, 4, 5, 4, 6, 3, 1, 1, 1, 1, "silu", "channels_last", True, True, "sample"),
+]
+
+
+def _unit(case, dtype, device):
+    (_, n, c, h, w, oc, k, s, p, d, g, act, layout, has_bias, has_res, params) = case
+    x = _x((n, c, h, w), dtype, device, layout)
+    shape = (c,) if params == "channel" else (n, c)
+    mean, shift = _vec(shape, dtype, device), _vec(shape, dtype, device)
+    # Signs mixed, so ReLU clips on both sides of the mean.
+    scale = _vec(shape, dtype, device, low=0.5) * torch.where(torch.arange(c, device=device) % 3 == 1, -1.0, 1.0)
+    weight = (torch.randn((oc, c // g, k, k), dtype=torch.float64, device=device) / (k * c ** 0.5)).to(dtype)
+    bias = torch.randn(oc, dtype=torch.float64, device=device).to(dtype) if has_bias else None
+    oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size in (h, w))
+    out_layout = "channels_last" if layout == "channels_last" else "nchw"
+    residual = _x((n, oc, oh, ow), dtype, device, out_layout) if has_res else None
+    conv = ([s, s], [p, p], [d, d], g, act)
+    return x, mean, scale, shift, weight, bias, residual, conv
+
+
+def _own_statistics(x, mean, scale, groups=None):
+    """(mean, scale, batch_invstd) for a unit normalising x by its own
+    statistics, as the ops' contract requires with batch_invstd: per channel
+    (mean (C,)), or per (sample, group) spread over channels (mean (N, C)),
+    and scale = gamma * batch_invstd with gamma the given scale."""
+    xd = x.double()
+    if mean.dim() == 1:
+        var, own = torch.var_mean(xd, dim=(0, 2, 3), unbiased=False)
+        invstd = (var + 1e-5).rsqrt()
+        spread = invstd
+    else:
+        var, own = torch.var_mean(xd.reshape(x.shape[0], groups, -1), dim=2, unbiased=False)
+        invstd = (var + 1e-5).rsqrt()
+        per_group = x.shape[1] // groups
+        own, spread = own.repeat_interleave(per_group, 1), invstd.repeat_interleave(per_group, 1)
+    acc = mean.dtype
+    return own.to(acc), (scale.double() * spread).to(acc), invstd.to(acc)
+
+
+def norm_act_conv2d(dtype, device):
+    samples = []
+    for i, case in enumerate(_UNITS):
+        x, mean, scale, shift, weight, bias, residual, conv = _unit(case, dtype, device)
+        samples.append(Sample(case[0], (x, mean, scale, shift, weight, bias, residual, *conv), opcheck=i < 2))
+    x, mean, scale, shift, weight, bias, residual, conv = _unit(_UNITS[0], dtype, device)
+    mean, scale, invstd = _own_statistics(x, mean, scale)
+    samples.append(Sample("bn-batch-invstd", (x, mean, scale, shift, weight, bias, residual, *conv, invstd),
+                          differentiable=False, opcheck=True))
+    x, mean, scale, shift, weight, bias, residual, conv = _unit(_UNITS[-1], dtype, device)
+    mean, scale, invstd = _own_statistics(x, mean, scale, 2)
+    samples.append(Sample("gn-batch-invstd", (x, mean, scale, shift, weight, bias, residual, *conv, invstd),
+                          differentiable=False))
+    return samples
+
+
+def norm_act_conv2d_stats(dtype, device):
+    samples = []
+    for i, case in enumerate(_UNITS[:3]):
+        x, mean, scale, shift, weight, bias, residual, conv = _unit(case, dtype, device)
+        samples.append(Sample(case[0], (x, mean, scale, shift, weight, bias, residual, *conv), opcheck=i < 2))
+    x, mean, scale, shift, weight, bias, residual, conv = _unit(_UNITS[1], dtype, device)
+    mean, scale, invstd = _own_statistics(x, mean, scale)
+    samples.append(Sample("batch-invstd", (x, mean, scale, shift, weight, bias, residual, *conv, invstd),
+                          differentiable=False))
+    return samples
+
+
+def norm_act_conv2d_into(dtype, device):
+    samples = []
+    for i, case in enumerate(_UNITS):
+        x, mean, scale, shift, weight, bias, residual, conv = _unit(case, dtype, device)
+        n, oc = x.shape[0], weight.shape[0]
+        oh, ow = (residual.shape[2:] if residual is not None else
+                  torch.nn.functional.conv2d(x.new_empty(x.shape, device="meta"), weight.new_empty(weight.shape,
+                                             device="meta"), None, *conv[:4]).shape[2:])
+        layout = CL if case[12] == "channels_last" else torch.contiguous_format
+        out = torch.randn((n, oc + 5, oh, ow), dtype=torch.float64, device=device).to(dtype).contiguous(
+            memory_format=layout)
+        samples.append(Sample(case[0], (x, mean, scale, shift, weight, bias, residual, *conv, out, 3, i % 2 == 0),
+                              differentiable=False, opcheck=i < 2))
+    return samples
+
+
+def norm_act_conv2d_backward(dtype, device):
+    samples = []
+    for i, (case, mask, invstd) in enumerate([(_UNITS[0], [True, True], False), (_UNITS[1], [True, False], True),
+                                              (_UNITS[2], [False, True], False), (_UNITS[3], [True, True], True),
+                                              (_UNITS[4], [True, True], True)]):
+        x, mean, scale, shift, weight, _, residual, conv = _unit(case, dtype, device)
+        y_shape = torch.nn.functional.conv2d(x.new_empty(x.shape, device="meta"),
+                                             weight.new_empty(weight.shape, device="meta"), None, *conv[:4]).shape
+        grad_out = _x(tuple(y_shape), dtype, device, "channels_last" if case[12] == "channels_last" else "nchw")
+        batch_invstd = None
+        if invstd:
+            mean, scale, batch_invstd = _own_statistics(x, mean, scale, 2)
+        samples.append(Sample(f"{case[0]}-{mask}", (grad_out, x, mean, scale, shift, weight, *conv, batch_invstd,
+                                                    mask), opcheck=i < 3))
+    return samples
+
+
+SAMPLES = {f.__name__: f for f in (channel_stats, channel_stats_backward, group_stats, group_stats_backward,
+                                   group_norm, group_norm_backward, group_norm_affine, norm_act_conv2d,
+                                   norm_act_conv2d_stats, norm_act_conv2d_into, norm_act_conv2d_backward)}

@@ -1,0 +1,110 @@
+"""Generated from the op registry (resfast/ops/registry.py): every op's sample
+inputs (tests/op_samples.py) against its reference on every backend, and,
+for each op, gradcheck in float64 and torch.library.opcheck."""
+
+import pytest
+import torch
+
+import resfast
+from conftest import available_backends
+from op_samples import SAMPLES
+from resfast.ops import registry
+from utils import assert_close
+
+OPS = registry.OPS
+BACKENDS = [pair for pair in available_backends() if pair[0] != "reference"]
+
+
+def test_every_op_has_an_entry_and_samples():
+    assert registry.compiled_schemas() == set(OPS)
+    assert set(SAMPLES) == set(OPS), "tests/op_samples.py: a generator per op"
+    for op in OPS.values():
+        assert not op.missing(), f"{op.name}: {op.missing()}"
+
+
+def _cases(select=lambda op, sample: True):
+    cases = []
+    for name in sorted(OPS):
+        for i, sample in enumerate(SAMPLES[name](torch.float32, "cpu")):
+            if select(OPS[name], sample):
+                cases.append(pytest.param(name, i, id=f"{name}-{sample.name}"))
+    return cases
+
+
+def _double(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _clone(t):
+    return t.clone(memory_format=torch.preserve_format) if isinstance(t, torch.Tensor) else t
+
+
+def _run(op, args, backend):
+    """The op's outputs as a list (its mutated `out` buffer appended, if it has one)."""
+    args = [_clone(a) for a in args]
+    with resfast.backend(backend):
+        out = op.overload(*args)
+    out = list(out) if isinstance(out, (tuple, list)) else [out]
+    mutated = [i for i, a in enumerate(op.overload._schema.arguments) if a.alias_info and a.alias_info.is_write]
+    return out + [args[i] for i in mutated]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name,index", _cases())
+def test_matches_reference(name, index, backend, device, poison_empty):
+    op = OPS[name]
+    sample = SAMPLES[name](torch.float32, device)[index]
+    expected = _run(op, [_double(a) for a in sample.args], "reference")
+    actual = _run(op, sample.args, backend)
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        what = f"{name} output {i}"
+        if e is None:
+            assert a is None, f"{what}: expected None (masked off)"
+            continue
+        assert a.dtype == (torch.float32 if e.dtype == torch.float64 else e.dtype), f"{what}: dtype {a.dtype}"
+        if e.dim() == 4:
+            fmt = resfast.ops.kernel_format(e)
+            assert a.is_contiguous(memory_format=fmt), f"{what}: expected {fmt}, got strides {a.stride()}"
+        assert_close(a, e, torch.float32, what)
+
+
+def _grad_args(sample):
+    """Indices of the float tensors gradcheck differentiates."""
+    indices = sample.grad_args if sample.grad_args is not None else range(len(sample.args))
+    return [i for i in indices if isinstance(sample.args[i], torch.Tensor) and sample.args[i].is_floating_point()]
+
+
+def _differentiable(op, sample):
+    return sample.differentiable and registry.has_kernel(op, "Autograd") and bool(_grad_args(sample))
+
+
+@pytest.mark.parametrize("name,index", _cases(_differentiable))
+def test_gradcheck(name, index):
+    op = OPS[name]
+    sample = SAMPLES[name](torch.float64, "cpu")[index]
+    args, wanted = list(sample.args), _grad_args(sample)
+    inputs = [args[i].detach().requires_grad_() for i in wanted]
+
+    def fn(*tensors):
+        for i, t in zip(wanted, tensors):
+            args[i] = t
+        return op.overload(*args)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("name,index", _cases(lambda op, sample: sample.opcheck))
+def test_opcheck(name, index):
+    """Schema, fake kernel, autograd registration and torch.compile (AOT
+    dispatch) consistency."""
+    op = OPS[name]
+    args = list(SAMPLES[name](torch.float32, "cpu")[index].args)
+    if registry.has_kernel(op, "Autograd"):
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                args[i] = a.detach().requires_grad_()
+    mutates = any(a.alias_info and a.alias_info.is_write for a in op.overload._schema.arguments)
+    # AOT dispatch of an op that writes into its argument needs a functional twin.
+    options = dict(test_utils=("test_schema", "test_faketensor")) if mutates else {}
+    torch.library.opcheck(op.overload, tuple(args), **options)
