@@ -69,26 +69,10 @@ variable_list unit_backward(AutogradContext* ctx, const at::Tensor& grad_out) {
           at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
 }
 
-class NormActConv2d : public torch::autograd::Function<NormActConv2d> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
-                            const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                            int64_t groups, c10::string_view activation,
-                            const std::optional<at::Tensor>& batch_invstd) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    save_unit(ctx, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
-              batch_invstd);
-    return ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                        activation, batch_invstd);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) { return unit_backward(ctx, grads[0]); }
-};
-
-// The same unit, with its output's statistics as two non-differentiable outputs.
-class NormActConv2dStats : public torch::autograd::Function<NormActConv2dStats> {
+// The unit; WithStats: with its output's statistics as two non-differentiable
+// outputs (norm_act_conv2d_stats).
+template <bool WithStats>
+class NormActConv2dUnit : public torch::autograd::Function<NormActConv2dUnit<WithStats>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
@@ -99,10 +83,15 @@ class NormActConv2dStats : public torch::autograd::Function<NormActConv2dStats> 
     at::AutoDispatchBelowADInplaceOrView guard;
     save_unit(ctx, x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
               batch_invstd);
-    auto [y, y_mean, y_var] = ops::norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, stride, padding,
-                                                 dilation, groups, activation, batch_invstd);
-    ctx->mark_non_differentiable({y_mean, y_var});
-    return {y, y_mean, y_var};
+    if constexpr (WithStats) {
+      auto [y, y_mean, y_var] = ops::norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, stride,
+                                                           padding, dilation, groups, activation, batch_invstd);
+      ctx->mark_non_differentiable({y_mean, y_var});
+      return {y, y_mean, y_var};
+    } else {
+      return {ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                                   activation, batch_invstd)};
+    }
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return unit_backward(ctx, grads[0]); }
@@ -205,8 +194,8 @@ at::Tensor norm_act_conv2d_autograd(const at::Tensor& x, const at::Tensor& mean,
                                     const std::optional<at::Tensor>& residual, c10::IntArrayRef stride,
                                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                                     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  return NormActConv2d::apply(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
-                              activation, batch_invstd);
+  return NormActConv2dUnit<false>::apply(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation,
+                                         groups, activation, batch_invstd)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats_autograd(
@@ -214,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats_autograd(
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  const auto out = NormActConv2dStats::apply(x, mean, scale, shift, weight, bias, residual, stride, padding,
-                                             dilation, groups, activation, batch_invstd);
+  const auto out = NormActConv2dUnit<true>::apply(x, mean, scale, shift, weight, bias, residual, stride, padding,
+                                                  dilation, groups, activation, batch_invstd);
   return {out[0], out[1], out[2]};
 }
 
@@ -276,6 +265,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine_aut
   return {out[0], out[1], out[2], out[3]};
 }
 
+// scale = bn_weight * invstd and shift = bn_bias carry the parameters'
+// gradients; mean and invstd, statistics (or buffers), carry none (in training
+// the consumer's batch_invstd accounts for them).
+class BatchNormAffine : public torch::autograd::Function<BatchNormAffine> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                               bool training, double momentum, double eps,
+                               const std::optional<at::Tensor>& batch_mean,
+                               const std::optional<at::Tensor>& batch_var) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [mean, scale, shift, invstd] = ops::batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias,
+                                                               training, momentum, eps, batch_mean, batch_var);
+    ctx->save_for_backward({invstd});
+    // needs_input_grad counts only the tensors passed: absent optionals
+    // shift the indices of those after them.
+    const auto present = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+    const int64_t weight_index = 1 + present(running_mean) + present(running_var);
+    ctx->saved_data["weight_index"] = present(bn_weight) ? weight_index : int64_t(-1);
+    ctx->saved_data["bias_index"] = present(bn_bias) ? weight_index + present(bn_weight) : int64_t(-1);
+    ctx->saved_data["weight_dtype"] = present(bn_weight) ? c10::IValue(bn_weight->scalar_type()) : c10::IValue();
+    ctx->saved_data["bias_dtype"] = present(bn_bias) ? c10::IValue(bn_bias->scalar_type()) : c10::IValue();
+    ctx->mark_non_differentiable({mean, invstd});
+    return {mean, scale, shift, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor invstd = ctx->get_saved_variables()[0];
+    const int64_t weight_index = ctx->saved_data["weight_index"].toInt();
+    const int64_t bias_index = ctx->saved_data["bias_index"].toInt();
+    const auto grad_or_zeros = [&](const at::Tensor& grad) { return grad.defined() ? grad : at::zeros_like(invstd); };
+    at::Tensor grad_weight, grad_bias;
+    if (weight_index >= 0 && ctx->needs_input_grad(weight_index)) {
+      grad_weight = (grad_or_zeros(grads[1]) * invstd).to(ctx->saved_data["weight_dtype"].toScalarType());
+    }
+    if (bias_index >= 0 && ctx->needs_input_grad(bias_index)) {
+      grad_bias = grad_or_zeros(grads[2]).to(ctx->saved_data["bias_dtype"].toScalarType());
+    }
+    return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight, grad_bias, at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias, bool training,
+    double momentum, double eps, const std::optional<at::Tensor>& batch_mean,
+    const std::optional<at::Tensor>& batch_var) {
+  const auto out = BatchNormAffine::apply(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                                          batch_mean, batch_var);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
@@ -285,6 +328,7 @@ TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   m.impl("channel_stats", &channel_stats_autograd);
   m.impl("group_stats", &group_stats_autograd);
   m.impl("group_norm_affine", &group_norm_affine_autograd);
+  m.impl("batch_norm_affine", &batch_norm_affine_autograd);
 }
 
 }  // namespace resfast

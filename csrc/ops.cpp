@@ -88,4 +88,18 @@ TORCH_LIBRARY(resfast, m) {
   m.def(
       "group_norm_affine(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor mean, Tensor scale, Tensor shift, Tensor rstd)");
+  // BatchNorm as the fused conv unit's per-channel (C,) normalisation, with
+  // F.batch_norm's semantics. training: mean and var are x's batch statistics
+  // (batch_mean/batch_var when its producer computed them, else one pass over
+  // x), and the running statistics, when given, are updated in place with
+  // momentum and the unbiased variance; otherwise the running statistics are
+  // used. Returns mean, scale = bn_weight * invstd (invstd without a weight),
+  // shift = bn_bias (or 0) and invstd = 1 / sqrt(var + eps); float32 (float64
+  // for float64 input). Differentiable with respect to bn_weight and bn_bias
+  // only: in training the fused unit given invstd as its batch_invstd adds
+  // x's share of the statistics' gradient to its own input gradient.
+  m.def(
+      "batch_norm_affine(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? bn_weight, "
+      "Tensor? bn_bias, bool training, float momentum, float eps, Tensor? batch_mean=None, "
+      "Tensor? batch_var=None) -> (Tensor mean, Tensor scale, Tensor shift, Tensor invstd)");
 }

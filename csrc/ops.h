@@ -95,6 +95,14 @@ inline Tensors4 group_norm_affine(const at::Tensor& x, int64_t num_groups, const
   RESFAST_CALL(group_norm_affine, x, num_groups, weight, bias, eps);
 }
 
+inline Tensors4 batch_norm_affine(const at::Tensor& x, const OptionalTensor& running_mean,
+                                  const OptionalTensor& running_var, const OptionalTensor& bn_weight,
+                                  const OptionalTensor& bn_bias, bool training, double momentum, double eps,
+                                  const OptionalTensor& batch_mean, const OptionalTensor& batch_var) {
+  RESFAST_CALL(batch_norm_affine, x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+               batch_mean, batch_var);
+}
+
 #undef RESFAST_CALL
 
 }  // namespace resfast::ops

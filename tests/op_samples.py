@@ -231,6 +231,24 @@ def norm_act_conv2d_backward(dtype, device):
     return samples
 
 
-SAMPLES = {f.__name__: f for f in (channel_stats, channel_stats_backward, group_stats, group_stats_backward,
+def batch_norm_affine(dtype, device):
+    samples = []
+    for name, layout, training, affine, given in (("train", "nchw", True, True, False),
+                                                  ("train-cl-plain", "channels_last", True, False, False),
+                                                  ("train-given-stats", "nchw", True, True, True),
+                                                  ("eval", "channels_last", False, True, False)):
+        x = _x((3, 5, 4, 6), dtype, device, layout)
+        running = _vec(5, dtype, device), _vec(5, dtype, device, low=0.5)
+        w, b = (_vec(5, dtype, device, low=0.5), _vec(5, dtype, device)) if affine else (None, None)
+        stats = (None, None)
+        if given:
+            var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+            stats = mean.to(_acc(dtype)), var.to(_acc(dtype))
+        samples.append(Sample(name, (x, *running, w, b, training, 0.1, 1e-5, *stats), opcheck=not given,
+                              grad_args=(3, 4)))
+    return samples
+
+
+SAMPLES = {f.__name__: f for f in (batch_norm_affine, channel_stats, channel_stats_backward, group_stats, group_stats_backward,
                                    group_norm, group_norm_backward, group_norm_affine, norm_act_conv2d,
                                    norm_act_conv2d_stats, norm_act_conv2d_into, norm_act_conv2d_backward)}

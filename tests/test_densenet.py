@@ -173,7 +173,7 @@ def test_densenet121_from_torchvision_state_dict():
 
 
 def test_densenet264_activation_memory():
-    """DESIGN.md §5 count, against torchvision's eager and memory_efficient
+    """docs/DESIGN.md §5 count, against torchvision's eager and memory_efficient
     models at the same input: <= 0.15x and <= 0.6x."""
     x = torch.randn(1, 3, 64, 64)  # the ratios hardly move with size: 0.13 and 0.51 at 64 and 224
     ours = resfast.models.densenet264(num_classes=10).train()

@@ -24,7 +24,7 @@ def test_every_op_has_an_entry_and_samples():
 
 def _cases(select=lambda op, sample: True):
     cases = []
-    for name in sorted(OPS):
+    for name in sorted(OPS.keys() & SAMPLES.keys()):  # test_every_op_has_an_entry_and_samples: all of them
         for i, sample in enumerate(SAMPLES[name](torch.float32, "cpu")):
             if select(OPS[name], sample):
                 cases.append(pytest.param(name, i, id=f"{name}-{sample.name}"))

@@ -56,7 +56,7 @@ def main(argv=None):
         with open(path) as f:
             tables.append(table(json.load(f), path))
     text = ("Medians of interleaved runs; speedups are eager (or compiled) time over resfast time. "
-            "Saved activations: bytes kept for backward by one training forward (DESIGN.md §5).\n\n"
+            "Saved activations: bytes kept for backward by one training forward (docs/DESIGN.md §5).\n\n"
             + "\n\n".join(tables))
     if args.readme:
         with open(args.readme) as f:

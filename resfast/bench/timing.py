@@ -93,7 +93,7 @@ def step_fn(module, x, training):
 
 def saved_activation_bytes(model, *inputs):
     """Bytes of the unique storages saved for backward by one training forward,
-    parameters excluded (DESIGN.md §5)."""
+    parameters excluded (docs/DESIGN.md §5)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 

@@ -41,6 +41,13 @@ def _tile(pid_n, hw, c, HW, C, sn, shw, sc):
 
 
 @triton.jit
+def _load_params(mean_ptr, scale_ptr, shift_ptr, k, mask):
+    """The (N, C) parameters at flat indices k = n * C + c."""
+    return (tl.load(mean_ptr + k, mask=mask, other=0.0), tl.load(scale_ptr + k, mask=mask, other=0.0),
+            tl.load(shift_ptr + k, mask=mask, other=0.0))
+
+
+@triton.jit
 def _gn_stats_partial_kernel(
     x_ptr, part_ptr, HW, C, HW_PER_PROG, sn, shw, sc,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -85,9 +92,7 @@ def _gn_apply_kernel(
     y_offs, _ = _tile(pid_n, hw, c, HW, C, syn, syhw, syc)
     c_mask = c < C
     k = pid_n * C + c
-    mu = tl.load(mean_ptr + k, mask=c_mask, other=0.0)
-    s = tl.load(scale_ptr + k, mask=c_mask, other=0.0)
-    b = tl.load(shift_ptr + k, mask=c_mask, other=0.0)
+    mu, s, b = _load_params(mean_ptr, scale_ptr, shift_ptr, k, c_mask)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = _act((xv - mu[None, :]) * s[None, :] + b[None, :], ACT)
     tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -103,9 +108,7 @@ def _gn_backward_partial_kernel(
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     k = pid_n * C + c
-    mu = tl.load(mean_ptr + k, mask=c_mask, other=0.0)
-    s = tl.load(scale_ptr + k, mask=c_mask, other=0.0)
-    b = tl.load(shift_ptr + k, mask=c_mask, other=0.0)
+    mu, s, b = _load_params(mean_ptr, scale_ptr, shift_ptr, k, c_mask)
     sum_dz = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dz_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for start in range(pid_s * HW_PER_PROG, tl.minimum((pid_s + 1) * HW_PER_PROG, HW), BLOCK_HW):

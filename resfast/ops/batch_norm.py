@@ -1,24 +1,15 @@
-"""BatchNorm as the fused unit's normalisation: entry points."""
+"""BatchNorm as the fused unit's normalisation: the batch_norm_affine op and
+the entry points."""
 
 import torch
 import torch.nn.functional as F
 
 from resfast.activations import activate, check_activation
+from resfast.ops import registry
 from resfast.ops.checks import check_activation_input, check_channel_vector, check_same_device
-from resfast.ops.layout import accumulation_dtype
 from resfast.ops.norm_act_conv import NormAffine, affine_act_conv2d, check_finite, conv_args
 
 ops = torch.ops.resfast
-
-
-def _checked_stats(x, batch_stats):
-    mean, var = batch_stats
-    acc = accumulation_dtype(x.dtype)
-    for name, t in (("batch_stats mean", mean), ("batch_stats var", var)):
-        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],) or t.dtype != acc or t.device != x.device:
-            got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: expected a ({x.shape[1]},) {acc} tensor on {x.device}, got {got}")
-    return mean.detach(), var.detach()
 
 
 def check_batch_norm_args(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps):
@@ -34,11 +25,18 @@ def check_batch_norm_args(x, running_mean, running_var, bn_weight, bn_bias, trai
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """nn.BatchNorm2d's running-statistics update from a batch's mean and
-    biased variance over `count` values (stored unbiased)."""
+    biased variance over `count` values (stored unbiased), for the dense
+    block and synchronised BatchNorm; the batch_norm_affine op makes the same
+    update for the fused units (csrc/composites.cpp)."""
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         unbiased = var * (count / (count - 1))
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+# F.batch_norm's normalisation as (mean, scale, shift, invstd), running
+# statistics updated in training: composed in C++ (csrc/composites.cpp).
+registry.define("batch_norm_affine", composite=True)
 
 
 def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
@@ -51,30 +49,15 @@ def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training
 
     batch_stats: x's per-channel (mean, biased variance), float32, when its
     producer already computed them (a fused convolution's epilogue); training
-    then makes no pass over x."""
-    check_batch_norm_args(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("running_mean, running_var: expected tensors when training=False")
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    if training and count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-
-    acc = accumulation_dtype(x.dtype)
-    if training:
-        # The statistics' gradient is folded into the fused op's input gradient
-        # (batch_invstd), so they are computed outside autograd.
-        with torch.no_grad():
-            mean, var = ops.channel_stats(x) if batch_stats is None else _checked_stats(x, batch_stats)
-            if running_mean is not None:
-                update_running_stats(running_mean, running_var, mean, var, count, momentum)
-            invstd = torch.rsqrt(var + eps)
-        batch_invstd = invstd
-    else:
-        invstd = torch.rsqrt(running_var.to(acc) + eps)
-        mean, batch_invstd = running_mean.to(acc), None
-    scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
-    shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.to(acc)
-    return NormAffine(mean, scale, shift, batch_invstd)
+    then makes no pass over x. The op checks the tensors."""
+    check_activation_input(x)
+    check_finite("eps", eps, low=0)
+    if training and running_mean is not None:
+        check_finite("momentum", momentum)
+    batch_mean, batch_var = (None, None) if batch_stats is None else (t.detach() for t in batch_stats)
+    mean, scale, shift, invstd = ops.batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training,
+                                                       float(momentum), float(eps), batch_mean, batch_var)
+    return NormAffine(mean, scale, shift, invstd if training else None)
 
 
 def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
