@@ -249,6 +249,7 @@ def batch_norm_affine(dtype, device):
     return samples
 
 
-SAMPLES = {f.__name__: f for f in (batch_norm_affine, channel_stats, channel_stats_backward, group_stats, group_stats_backward,
-                                   group_norm, group_norm_backward, group_norm_affine, norm_act_conv2d,
-                                   norm_act_conv2d_stats, norm_act_conv2d_into, norm_act_conv2d_backward)}
+SAMPLES = {f.__name__: f for f in (batch_norm_affine, channel_stats, channel_stats_backward, group_stats,
+                                   group_stats_backward, group_norm, group_norm_backward, group_norm_affine,
+                                   norm_act_conv2d, norm_act_conv2d_stats, norm_act_conv2d_into,
+                                   norm_act_conv2d_backward)}

@@ -11,7 +11,11 @@ each target. The compilation runs in a subprocess without TRITON_INTERPRET
 because under the interpreter @triton.jit yields objects that cannot be
 compiled.
 
-Run directly to print results as JSON lines:  python tests/test_triton_aot.py 90
+A second subprocess traces each of those ops as torch.compile's AOT dispatch
+does, on fake CUDA tensors (no GPU needed), and checks that the graph holds
+their Triton launches (wrap_triton) rather than an opaque call of the op.
+
+Run directly to print results as JSON lines:  python tests/test_triton_aot.py 90 (or: trace)
 """
 import json
 import os
@@ -252,6 +256,58 @@ def test_every_triton_op_and_shipped_config_is_compiled(compiled):
         assert wanted <= done, f"sm_{arch}: never compiled {sorted(wanted - done)}"
 
 
+def traced_launches():
+    """Yield {"sample", "launches", "opaque"} for every AOT sample of an op whose
+    CUDA tensors the Python implementation serves: the number of Triton
+    launches in its AOT forward graph, and whether the op itself is still a node."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from resfast.ops.registry import OPS
+
+    def on_fake_cuda(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda")
+
+    for name, samples in AOT_SAMPLES.items():
+        op = OPS[name]
+        if op.cuda != "triton":
+            continue
+        for sample, make_args, _ in samples:
+            graphs = []
+
+            def keep(gm, inputs):
+                graphs.append(gm)
+                return gm
+
+            with FakeTensorMode():
+                args = [on_fake_cuda(a) for a in make_args()]
+                aot_function(lambda *a: op.overload(*a), fw_compiler=keep)(*args)
+            targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+            yield dict(sample=f"{name}-{sample}", launches=sum("triton_kernel_wrapper" in t for t in targets),
+                       opaque=any(f"resfast.{name}" in t for t in targets))
+
+
+@pytest.fixture(scope="module")
+def traced():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "trace"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"tracing subprocess failed:\n{done.stderr[-4000:]}"
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_aot_dispatch_sees_the_triton_launches(traced):
+    """What torch.library.triton_op gives: under torch.compile Inductor sees
+    the Triton kernels of every op the Python implementation serves on CUDA."""
+    assert traced, "no op traced"
+    for r in traced:
+        assert r["launches"] > 0 and not r["opaque"], r
+
+
 if __name__ == "__main__":
-    for res in compile_all(int(sys.argv[1])):
+    results = traced_launches() if sys.argv[1] == "trace" else compile_all(int(sys.argv[1]))
+    for res in results:
         print(json.dumps(res), flush=True)

@@ -6,6 +6,7 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 from resfast.activations import activation_code  # noqa: F401  (the kernels' ACT constexpr)
@@ -56,6 +57,29 @@ def is_interpreted(kernel):
     return not isinstance(kernel, JITFunction)
 
 
+_recording_launches = False
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Inside the block, launches are wrapped with torch.library.wrap_triton,
+    so that a trace (torch.compile's AOT dispatch, make_fx) records them as
+    graph nodes Inductor can see into and optimise, instead of running them.
+    Outside it they launch directly, without the wrapper's dispatch."""
+    global _recording_launches
+    saved, _recording_launches = _recording_launches, True
+    try:
+        yield
+    finally:
+        _recording_launches = saved
+
+
+def launch(kernel):
+    """`kernel`, to be indexed by its grid and called (see recorded_launches;
+    the interpreter's kernels cannot be wrapped)."""
+    return wrap_triton(kernel) if _recording_launches and not is_interpreted(kernel) else kernel
+
+
 def assert_launchable(kernel, *tensors):
     # Compiled kernels run on CUDA tensors (meta ones stand in for them when
     # only the launch arguments are wanted); the interpreter takes any.
@@ -91,7 +115,8 @@ def dot_options(kernel, dot_dtype):
 
 
 def multiprocessor_count(device):
-    # Only used to size grids; under the interpreter (and for meta tensors) any plausible value works.
-    if device.type == "cuda":
+    # Only used to size grids; under the interpreter, for meta tensors and for
+    # fake CUDA tensors traced without a GPU any plausible value works.
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 108

@@ -11,10 +11,11 @@ reduction runs over channels, which are then contiguous.
 import functools
 
 import torch
+import torch._guards
 import triton
 import triton.language as tl
 
-from ._common import activation_code, assert_launchable, config_for, dot_options, empty_like_format, \
+from ._common import launch, activation_code, assert_launchable, config_for, dot_options, empty_like_format, \
     multiprocessor_count, ship
 
 # Shipped configurations; the launchers pick one with a shape heuristic.
@@ -413,7 +414,7 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
     # Every (tile, channel) entry is written once.
     stats = (torch.empty((2, grid[0], geo["OC"]), dtype=torch.float32, device=x.device) if compute_stats
              else weight)
-    _fwd_kernel[grid](
+    launch(_fwd_kernel)[grid](
         x, mean, scale, shift, weight, bias_arg, res_arg, out, stats,
         geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], geo["KW"],
         k_iters,
@@ -425,13 +426,12 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
     return _channel_moments(stats, rows, cfg["BLOCK_M"]) if compute_stats else None
 
 
-@functools.lru_cache(maxsize=256)
-def _phase_taps(kh_size, kw_size, stride, padding, dilation, device):
+def _phase_tap_table(kh_size, kw_size, stride, padding, dilation):
     """Per stride phase (rh, rw), the taps kh*KW+kw that land on whole output positions.
 
     Input row ih = rh + stride*i receives output row oh through tap kh iff
     ih + pad - kh*dil is a multiple of stride, which depends only on rh.
-    Returns (table[phases, KH*KW] int32, counts[phases] int32) on `device`.
+    Returns (table [phases][KH*KW], counts [phases]) as lists.
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     max_taps = kh_size * kw_size
@@ -443,8 +443,27 @@ def _phase_taps(kh_size, kw_size, stride, padding, dilation, device):
             taps = [kh * kw_size + kw for kh in khs for kw in kws]
             counts.append(len(taps))
             table.append(taps + [0] * (max_taps - len(taps)))
+    # At least two counts (the extra one never read): a trace constant-folds
+    # one-element constants by computing them on the device.
+    return table, counts + [0] * (len(counts) == 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_phase_taps(geometry, device):
+    table, counts = _phase_tap_table(*geometry)
     return (torch.tensor(table, dtype=torch.int32, device=device),
             torch.tensor(counts, dtype=torch.int32, device=device))
+
+
+def _phase_taps(kh_size, kw_size, stride, padding, dilation, device):
+    """_phase_tap_table as int32 tensors on `device`, built once per geometry;
+    while tracing (fake tensors) built afresh, so no fake tensor is cached."""
+    geometry = (kh_size, kw_size, stride, padding, dilation)
+    if device.type == "meta" or torch._guards.detect_fake_mode() is not None:
+        # Host constants, then a copy: what a trace records of them.
+        table, counts = _phase_tap_table(*geometry)
+        return (torch.tensor(table, dtype=torch.int32).to(device), torch.tensor(counts, dtype=torch.int32).to(device))
+    return _cached_phase_taps(geometry, device)
 
 
 def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stride, padding,
@@ -474,7 +493,7 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
             groups * sh * sw)
     # Every (row, channel) of the partial buffer is written exactly once.
     partials = torch.empty((2, sh * sw * grid[0], C), dtype=torch.float32, device=x.device)
-    _dgrad_kernel[grid](
+    launch(_dgrad_kernel)[grid](
         grad_out, x, mean, scale, shift, weight, grad_x, partials, taps, ntaps,
         geo["N"], C, geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], hp, wp,
         geo["KW"], geo["KH"] * geo["KW"],
@@ -512,7 +531,7 @@ def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shap
     splits, iters = _wgrad_splits(tiles * taps * groups, positions, cfg["BLOCK_K"], x.device)
     partials = torch.empty((splits,) + weight_shape, dtype=torch.float32, device=x.device)
     grid = (splits * tiles, taps, groups)
-    _wgrad_kernel[grid](
+    launch(_wgrad_kernel)[grid](
         grad_out, x, mean, scale, shift, partials,
         geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC"], geo["OC_G"], geo["OH"], geo["OW"],
         geo["KH"], geo["KW"], iters, tiles_n,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import activation_code, assert_launchable, config_for, empty_like_format, is_channels_last, \
+from ._common import launch, activation_code, assert_launchable, config_for, empty_like_format, is_channels_last, \
     multiprocessor_count, ship
 from .conv import _act, _act_grad
 from .stats import _merge_tile_moments
@@ -186,7 +186,7 @@ def launch_stats_partials(x):
     splits, per_prog = _splits(x, cfg)
     part = torch.empty((4, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    _gn_stats_partial_kernel[grid](x, part, h * w, c, per_prog, *_strides(x), **cfg)
+    launch(_gn_stats_partial_kernel)[grid](x, part, h * w, c, per_prog, *_strides(x), **cfg)
     return part
 
 
@@ -213,8 +213,8 @@ def apply(x, mean_c, scale_c, shift_c, activation):
     cfg = _config(_gn_apply_kernel, x)
     c, hw = x.shape[1], x.shape[2] * x.shape[3]
     y = empty_like_format(x, x.shape, x.dtype)
-    _gn_apply_kernel[_elementwise_grid(x, cfg)](x, y, mean_c, scale_c, shift_c, hw, c, *_strides(x), *_strides(y),
-                                                ACT=activation_code(activation), **cfg)
+    launch(_gn_apply_kernel)[_elementwise_grid(x, cfg)](x, y, mean_c, scale_c, shift_c, hw, c, *_strides(x),
+                                                        *_strides(y), ACT=activation_code(activation), **cfg)
     return y
 
 
@@ -226,7 +226,7 @@ def launch_backward_partials(grad_y, x, mean_c, scale_c, shift_c, activation):
     splits, per_prog = _splits(x, cfg)
     part = torch.empty((2, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    _gn_backward_partial_kernel[grid](x, grad_y, part, mean_c, scale_c, shift_c, h * w, c, per_prog,
+    launch(_gn_backward_partial_kernel)[grid](x, grad_y, part, mean_c, scale_c, shift_c, h * w, c, per_prog,
                                       *_strides(x), *_strides(grad_y), ACT=activation_code(activation), **cfg)
     return part
 
@@ -239,7 +239,7 @@ def input_grad(x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b, activation):
     gx = empty_like_format(x, x.shape, x.dtype)
     has_gy = grad_y is not None
     gy = grad_y if has_gy else x
-    _gn_input_grad_kernel[_elementwise_grid(x, cfg)](x, gy, gx, mean_c, scale_c, shift_c, coef_a, coef_b, hw, c,
-                                                     *_strides(x), *_strides(gy), *_strides(gx),
-                                                     ACT=activation_code(activation), HAS_GY=has_gy, **cfg)
+    launch(_gn_input_grad_kernel)[_elementwise_grid(x, cfg)](x, gy, gx, mean_c, scale_c, shift_c, coef_a, coef_b, hw,
+                                                             c, *_strides(x), *_strides(gy), *_strides(gx),
+                                                             ACT=activation_code(activation), HAS_GY=has_gy, **cfg)
     return gx

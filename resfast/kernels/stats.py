@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import assert_launchable, config_for, empty_like_format, multiprocessor_count, ship
+from ._common import launch, assert_launchable, config_for, empty_like_format, multiprocessor_count, ship
 
 # Tall tiles when rows are the contiguous direction (NCHW), wide tiles when
 # channels are (channels_last).
@@ -121,7 +121,7 @@ def channel_stats(x):
     iters = triton.cdiv(row_tiles, min(row_tiles, want_programs))
     grid = (triton.cdiv(row_tiles, iters), c_tiles)
     partials = torch.empty((3, grid[0], C), dtype=torch.float32, device=x.device)
-    _stats_partial_kernel[grid](x, partials, M, C, H * W, W, iters, *x.stride(), **cfg)
+    launch(_stats_partial_kernel)[grid](x, partials, M, C, H * W, W, iters, *x.stride(), **cfg)
     count, mean_p, m2_p = partials.double().unbind(0)
     mean = (count * mean_p).sum(dim=0) / M
     m2 = m2_p.sum(dim=0) + (count * (mean_p - mean) ** 2).sum(dim=0)
@@ -139,6 +139,6 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
         return grad_x
     cfg = _config(_stats_backward_kernel, x)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
-    _stats_backward_kernel[grid](x, mean, grad_mean, grad_var, grad_x, 1.0 / M, M, C, H * W, W,
+    launch(_stats_backward_kernel)[grid](x, mean, grad_mean, grad_var, grad_x, 1.0 / M, M, C, H * W, W,
                                  *x.stride(), *grad_x.stride(), **cfg)
     return grad_x

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from resfast import _C
 
@@ -120,6 +121,30 @@ def _on_device_of_tensors(impl: Callable) -> Callable:
     return run
 
 
+def _traced_for_inductor(op: OpDef) -> Callable:
+    """A FunctionalTensorMode rule (what torch.library.triton_op registers)
+    that decomposes the op into its Python implementation when it runs on
+    CUDA tensors, so torch.compile's AOT dispatch sees the Triton launches
+    (resfast.kernels.recorded_launches: through wrap_triton) and the torch
+    ops around them; anything else is left to the mode."""
+    impl = op.checked(op.triton)
+
+    def rule(mode, func, types, args, kwargs):
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        on_cuda = any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+        plain = all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is torch.Tensor for t in types)
+        if not (on_cuda and plain):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        from resfast.kernels import recorded_launches
+
+        with mode, recorded_launches():
+            return impl(*args, **kwargs)
+
+    return rule
+
+
 _finalized = False
 
 
@@ -150,4 +175,5 @@ def finalize():
         torch.library.register_fake(op.qualname, op.fake)
         if op.cuda == "triton":
             torch.library.register_kernel(op.qualname, "cuda", _on_device_of_tensors(op.checked(op.triton)))
+            torch.library.register_torch_dispatch(op.qualname, FunctionalTensorMode, _traced_for_inductor(op))
     _finalized = True
