@@ -181,8 +181,9 @@ def _check_plain(module, names, where):
 
 def _torchvision_densenet(module: nn.Module) -> Optional[Replacement]:
     """torchvision's DenseNet _DenseBlock and _Transition → resfast's
-    DenseBlock (one feature buffer, no torch.cat) and Transition (conv and
-    pool as one fused 2x2 convolution), holding the same modules."""
+    DenseBlock (one feature buffer, no torch.cat) and Transition (the fused
+    BN→ReLU→conv1x1 unit and a pool that saves only shapes), holding the same
+    modules."""
     try:
         from torchvision.models import densenet as tv
     except ImportError:
