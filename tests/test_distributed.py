@@ -2,23 +2,19 @@
 with B samples each equals one process on the 2B samples (outputs,
 gradients, running statistics)."""
 
-import datetime
 import os
-import socket
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import resfast
+from ranks import init, run_ranks
 from utils import assert_close, randomize
 
 WORLD = 2
 BATCH = 3  # per process
-TIMEOUT_S = 60
 
 
 def small_model():
@@ -49,9 +45,8 @@ def step(model, x, grad, steps=2):
     return y.detach(), x.grad
 
 
-def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+def _worker(rank, world, port, out_dir):
+    init(rank, world, port)
     try:
         torch.set_num_threads(1)
         model = resfast.nn.convert_sync_batchnorm(small_model())
@@ -66,27 +61,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(out_dir):
-    ctx = mp.start_processes(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = TIMEOUT_S * 2
-    waited = 0
-    while not ctx.join(timeout=5):
-        waited += 5
-        if waited >= deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"distributed workers did not finish in {deadline} s")
-
-
 def test_ddp_step_matches_single_process():
     with tempfile.TemporaryDirectory() as out_dir:
-        run_ranks(out_dir)
+        run_ranks(_worker, WORLD, out_dir)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
     model = small_model()

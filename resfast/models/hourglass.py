@@ -58,6 +58,8 @@ class Hourglass(nn.Module):
         self.down = residuals(channels, num_blocks)
         self.inner = Hourglass(depth - 1, channels, num_blocks) if depth > 1 else residuals(channels, num_blocks)
         self.up = residuals(channels, num_blocks)
+        # Their outputs go into the sum below: no BatchNorm reads them.
+        self.skip[-1].hand_off_stats = self.up[-1].hand_off_stats = False
 
     def forward(self, x):
         low = self.up(self.inner(self.down(F.max_pool2d(x, 2, ceil_mode=True))))

@@ -27,18 +27,15 @@ class Stem(nn.Module):
 
 
 class Stage(nn.Module):
+    """The blocks of one resolution, each handing the next its output's batch
+    statistics in training (resfast.nn.batch_stats)."""
+
     def __init__(self, blocks):
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x):
-        return self.forward_with_stats(x)[0]
-
-    def forward_with_stats(self, x, x_stats=None, output_stats=False):
-        """The blocks, each handing the next its output's batch statistics."""
-        for i, block in enumerate(self.blocks):
-            x, x_stats = block.forward_with_stats(x, x_stats, output_stats or i < len(self.blocks) - 1)
-        return x, x_stats
+        return self.blocks(x)
 
 
 class Head(nn.Module):
@@ -49,7 +46,12 @@ class Head(nn.Module):
         self.fc = nn.Conv2d(in_chs, num_classes, 1, bias=True) if num_classes > 0 else nn.Identity()
 
     def forward(self, x):
-        return self.fc(x.mean((2, 3), keepdim=True)).flatten(1)
+        x = x.mean((2, 3))
+        if isinstance(self.fc, nn.Conv2d):
+            # The 1x1 convolution of a 1x1 map, as a linear layer: the output is
+            # no view of the convolution's (FSDP2 warns against views).
+            return F.linear(x, self.fc.weight.flatten(1), self.fc.bias)
+        return x
 
 
 class ResNetV2(nn.Module):
@@ -80,6 +82,8 @@ class ResNetV2(nn.Module):
                 prev, index = out_chs, index + 1
             stages.append(Stage(blocks))
         self.stages = nn.Sequential(*stages)
+        # The final norm is a plain BatchNorm2d: no statistics for it.
+        stages[-1].blocks[-1].hand_off_stats = False
         self.num_features = prev
         self.norm = nn.BatchNorm2d(prev)
         self.head = Head(prev, num_classes)
@@ -97,10 +101,7 @@ class ResNetV2(nn.Module):
                 nn.init.zeros_((m.conv2 if isinstance(m, PreActBasicBlock) else m.conv3).weight)
 
     def forward_features(self, x):
-        x, stats = self.stem(x), None
-        for i, stage in enumerate(self.stages):
-            # The final norm is a plain BatchNorm2d: the last stage keeps no statistics for it.
-            x, stats = stage.forward_with_stats(x, stats, output_stats=i < len(self.stages) - 1)
+        x = self.stages(self.stem(x))
         # The final pre-activation feeds a pooling, not a convolution: plain torch.
         return F.relu(self.norm(x))
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast import ops
-from resfast.nn.batch_norm import batch_norm_args
+from resfast.nn.batch_norm import batch_norm_args, bn_affine, sync_process_group
+from resfast.nn.norm_conv import batch_norm_conv
 
 
 class DenseLayer(nn.Module):
@@ -26,8 +27,8 @@ class DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.batch_norm_act_conv2d(x, *batch_norm_args(self.norm1, self.training), self.conv1.weight)
-        y = ops.batch_norm_act_conv2d(y, *batch_norm_args(self.norm2, self.training), self.conv2.weight, padding=1)
+        y = batch_norm_conv(self.norm1, self.conv1, x, self.training)
+        y = batch_norm_conv(self.norm2, self.conv2, y, self.training)
         return F.dropout(y, self.drop_rate, self.training) if self.drop_rate > 0 else y
 
     def params(self, use_batch_stats: bool) -> "ops.DenseLayerParams":
@@ -62,12 +63,17 @@ class DenseBlock(nn.Module):
             raise ValueError("DenseBlock: all BatchNorms of a block must use batch statistics alike (same "
                              "training mode and track_running_stats)")
         use_batch_stats = use_batch.pop()
+        groups = {sync_process_group(bn, self.training) for bn in norms}
+        if len(groups) != 1:
+            raise ValueError("DenseBlock: all BatchNorms of a block must be synchronised alike (same type and "
+                             "process group)")
+        sync, group = groups.pop()
         buf, stats = ops.dense_block(
             x, [layer.params(use_batch_stats) for layer in layers], use_batch_stats,
             [layer.norm1.eps for layer in layers], [layer.norm2.eps for layer in layers],
-            layers[0].drop_rate, self.training)
+            layers[0].drop_rate, self.training, group, sync)
         if stats is not None and self.training:
-            count = x.shape[0] * x.shape[2] * x.shape[3]
+            count = stats.count
             growth = layers[0].conv2.out_channels
             # Each norm's batch statistics, in the order of `norms`: norm1 over the first c_in buffer channels.
             batch = [pair for i in range(len(layers)) for pair in (
@@ -110,5 +116,5 @@ class Transition(nn.Module):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        affine = ops.batch_norm_affine(x, *batch_norm_args(self.norm, self.training))
+        affine = bn_affine(self.norm, x, self.training)
         return _AvgPool2x2.apply(ops.affine_act_conv2d(x, affine, self.conv.weight))

@@ -6,8 +6,9 @@ from torch import nn
 
 from resfast import ops
 from resfast.activations import check_activation
-from resfast.nn.batch_norm import BATCH_NORMS, SyncBatchNorm2d, batch_norm_args, bn_affine, sync_process_group
-from resfast.nn.norm_conv import check_conv_module, norm_conv
+from resfast.nn import batch_stats
+from resfast.nn.batch_norm import BATCH_NORMS, SyncBatchNorm2d
+from resfast.nn.norm_conv import batch_norm_conv, check_conv_module
 
 
 class NormActConvUnit(nn.Module):
@@ -77,9 +78,6 @@ class BNReLUConv2d(NormActConvUnit):
         self._adopt(bn, conv, activation)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        conv = self.conv
-        if sync_process_group(self.bn, self.training)[0]:
-            return norm_conv(x, bn_affine(self.bn, x, self.training), conv, residual, self.activation)
-        return ops.batch_norm_act_conv2d(x, *batch_norm_args(self.bn, self.training), conv.weight, conv.bias,
-                                         conv.stride, self._padding, conv.dilation, conv.groups, self.activation,
-                                         residual)
+        # In training, x's statistics from its producer when it handed them on (resfast.nn.batch_stats).
+        x_stats = batch_stats.lookup(x) if self.training else None
+        return batch_norm_conv(self.bn, self.conv, x, self.training, residual, self.activation, x_stats)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.batch_norm import BATCH_NORMS, batch_norm_args, sync_process_group
+from resfast.nn.batch_norm import BATCH_NORMS, batch_norm_args, bn_affine, sync_process_group
 
 
 def check_conv_module(conv: nn.Conv2d):
@@ -26,6 +26,18 @@ def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residu
                                 ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
                                 conv.groups, activation, output_stats=output_stats)
     return (out[0], out[1:]) if output_stats else out
+
+
+def batch_norm_conv(bn: nn.Module, conv: nn.Conv2d, x: torch.Tensor, training: bool, residual=None,
+                    activation="relu", batch_stats=None) -> torch.Tensor:
+    """conv(act(bn(x))) + residual, one fused unit with the modules'
+    parameters (F.batch_norm's semantics; statistics over every process when
+    bn is synchronised). batch_stats: x's, from its producer."""
+    if sync_process_group(bn, training)[0]:
+        return norm_conv(x, bn_affine(bn, x, training), conv, residual, activation)
+    return ops.batch_norm_act_conv2d(x, *batch_norm_args(bn, training), conv.weight, conv.bias, conv.stride,
+                                     ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
+                                     conv.groups, activation, residual, batch_stats)
 
 
 def norm_affines(parts, norm: nn.Module, training: bool) -> list:

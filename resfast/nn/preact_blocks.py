@@ -6,12 +6,16 @@ Parameters and buffers are named as in timm's PreActBasic / PreActBottleneck
 shortcut projection takes the block's shared pre-activation: both of its
 consumers (conv1 and the projection) apply it as they load x, from one
 statistics pass; the residual add happens in the last convolution's epilogue.
+In training a block hands its output's batch statistics, taken in that
+epilogue, to the next block (resfast.nn.batch_stats), so a stack of blocks
+makes no statistics pass but for the first block's input.
 """
 
 import torch
 from torch import nn
 
 from resfast import ops
+from resfast.nn import batch_stats
 from resfast.nn.batch_norm import BATCH_NORMS, bn_affine
 from resfast.nn.norm_conv import check_conv_module, norm_conv
 
@@ -43,6 +47,10 @@ class Projection(nn.Module):
 
 class _PreActBlock(nn.Module):
     _NUM_STAGES = 0  # BN→ReLU→conv stages: norm1/conv1 ... normN/convN
+    # In training, take the output's batch statistics in the last epilogue and
+    # hand them to the next block; a model turns it off for a block whose
+    # output no resfast BatchNorm reads.
+    hand_off_stats = True
 
     @classmethod
     def from_modules(cls, downsample, drop_path_rate=0.0, **stages):
@@ -74,18 +82,14 @@ class _PreActBlock(nn.Module):
         return Projection(in_chs, out_chs, stride, **factory) if needs else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_stats(x)[0]
-
-    def forward_with_stats(self, x, x_stats=None, output_stats=False):
-        """The block as (y, y_stats). In training, x_stats are x's batch (mean,
-        var) from its producer, used instead of a statistics pass over x, and
-        with output_stats the block returns its output's, taken in the last
-        convolution's epilogue (None otherwise). Inside the block each
-        convolution's epilogue likewise gives the next BatchNorm its batch
-        statistics, so a stack of blocks passing them along makes no
-        statistics pass at all."""
-        x_stats = x_stats if self.training else None
-        return self._forward(x, x_stats, output_stats and self.training)
+        """In training, x's batch statistics come from the block that produced
+        it when they are at hand (resfast.nn.batch_stats), and each
+        convolution's epilogue gives the next BatchNorm its own, so only the
+        first block of a stack makes a statistics pass."""
+        x_stats = batch_stats.lookup(x) if self.training else None
+        y, y_stats = self._forward(x, x_stats, self.training and self.hand_off_stats)
+        batch_stats.record(y, y_stats)
+        return y
 
     def _shortcut(self, x, preact):
         return x if self.downsample is None else norm_conv(x, preact, self.downsample.conv)

@@ -61,9 +61,11 @@ def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training
 
 
 def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
-                          bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None):
+                          bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None,
+                          batch_stats=None):
     """conv2d(act(batch_norm(x)), weight, bias) + residual in one fused unit;
-    the BatchNorm arguments are those of F.batch_norm (see batch_norm_affine)."""
+    the BatchNorm arguments are those of F.batch_norm, and batch_stats x's
+    statistics from its producer (see batch_norm_affine)."""
     check_activation_input(x)
     check_activation(activation)
     stride, padding, dilation = conv_args(weight, stride, padding, dilation, groups, x)
@@ -73,5 +75,5 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
                      activation)
         y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
         return y if residual is None else y + residual
-    affine = batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    affine = batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, batch_stats)
     return affine_act_conv2d(x, affine, weight, bias, residual, stride, padding, dilation, groups, activation)

@@ -13,6 +13,10 @@ Saved for backward: the buffer, each layer's bottleneck output and the
 per-channel statistics. The backward walks the layers in reverse, recomputing
 the normalised activations inside the fused backward op, and accumulates the
 buffer's gradient in one preallocated gradient buffer.
+
+With a process group (synchronised BatchNorm, data-parallel training) every
+statistic is merged over the group's ranks as it is computed, and in backward
+the statistics' gradients are summed over them before x's share is taken.
 """
 
 from typing import NamedTuple, Optional
@@ -20,6 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from resfast.ops.checks import check_activation_input
+from resfast.ops.distributed import gather_moments, shared_stats_grad, sync_world_size
 from resfast.ops.layout import accumulation_dtype, kernel_format
 
 ops = torch.ops.resfast
@@ -43,12 +48,14 @@ class DenseLayerParams(NamedTuple):
 
 class DenseBlockStats(NamedTuple):
     """Batch statistics of one training forward (biased variances): the
-    buffer's channels, and each layer's bottleneck as an (L, C_b) stack."""
+    buffer's channels, and each layer's bottleneck as an (L, C_b) stack, over
+    `count` values per channel (all ranks' with a process group)."""
 
     mean: torch.Tensor
     var: torch.Tensor
     bottleneck_mean: torch.Tensor
     bottleneck_var: torch.Tensor
+    count: int
 
 
 _PARAMS_PER_LAYER = len(DenseLayerParams._fields)
@@ -62,10 +69,20 @@ def _conv_args(conv):
 
 class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, num_layers, use_batch_stats, eps1, eps2, drop_rate, training, *flat):
+    def forward(ctx, x, num_layers, use_batch_stats, eps1, eps2, drop_rate, training, sync, *flat):
         layers = [DenseLayerParams(*flat[i * _PARAMS_PER_LAYER:(i + 1) * _PARAMS_PER_LAYER])
                   for i in range(num_layers)]
         n, c0, h, w = x.shape
+        count, total = n * h * w, float(n * h * w)
+
+        def shared(moments):
+            """Local (mean, var) merged over the ranks of `sync`'s group."""
+            nonlocal total
+            if sync is None:
+                return moments
+            mean, var, total = gather_moments(*moments, count, *sync)
+            return mean, var
+
         growth = layers[0].conv2_weight.shape[0]
         width = layers[0].conv1_weight.shape[0]
         fmt = kernel_format(x)
@@ -76,7 +93,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         if use_batch_stats:
             mean_all = x.new_empty((buf.shape[1],), dtype=acc)
             var_all = x.new_empty((buf.shape[1],), dtype=acc)
-            mean_all[:c0], var_all[:c0] = ops.channel_stats(x)
+            mean_all[:c0], var_all[:c0] = shared(ops.channel_stats(x))
             bott_mean = x.new_empty((num_layers, width), dtype=acc)
             bott_var = x.new_empty((num_layers, width), dtype=acc)
         bottlenecks, noises = [], []
@@ -92,6 +109,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                          *_conv_args(_CONV1), None)
             if use_batch_stats:
                 bott, m2, v2 = ops.norm_act_conv2d_stats(*bott_args)
+                m2, v2 = shared((m2, v2))
                 bott_mean[i], bott_var[i] = m2, v2
                 scale2 = p.norm2_weight * torch.rsqrt(v2 + eps2[i])
             else:
@@ -111,23 +129,39 @@ class _DenseBlockFunction(torch.autograd.Function):
                 if use_batch_stats:
                     mi, vi = ops.channel_stats(new)
             if use_batch_stats:
+                mi, vi = shared((mi, vi))
                 mean_all[c_in:c_in + growth] = mi
                 var_all[c_in:c_in + growth] = vi
             bottlenecks.append(bott)
 
         ctx.num_layers, ctx.use_batch_stats, ctx.eps1, ctx.eps2, ctx.c0 = num_layers, use_batch_stats, eps1, eps2, c0
-        ctx.drop = drop
+        ctx.drop, ctx.sync, ctx.total = drop, sync, total
         if use_batch_stats:
             stats = (mean_all, var_all, bott_mean, bott_var)
         else:
             empty = x.new_empty((0,), dtype=acc)
             stats = (empty, empty, empty, empty)
         ctx.save_for_backward(buf, *stats, *bottlenecks, *noises, *flat)
-        ctx.mark_non_differentiable(*stats)
-        return (buf, *stats)
+        total = torch.tensor(total, dtype=torch.float64)
+        ctx.mark_non_differentiable(*stats, total)
+        return (buf, *stats, total)
 
     @staticmethod
     def backward(ctx, grad_buf_out, *unused_stat_grads):
+        sync = ctx.sync
+
+        def unit_backward(grad, x, mean, invstd, weight, bias, conv_weight, conv, batch_invstd):
+            """The fused backward; with sync, the statistics' share of x's
+            gradient over all ranks' batch added after it."""
+            scale = weight * invstd
+            grads = ops.norm_act_conv2d_backward(grad, x, mean, scale, bias, conv_weight, *_conv_args(conv),
+                                                 None if sync else batch_invstd, [True, True])
+            if sync is None or batch_invstd is None:
+                return grads
+            grad_x, grad_scale, grad_shift, grad_w = grads
+            grad_mean, grad_var = -scale * grad_shift, -0.5 * scale * invstd * invstd * grad_scale
+            return grad_x + shared_stats_grad(x, mean, grad_mean, grad_var, ctx.total, sync[0]), *grads[1:]
+
         num_layers, c0 = ctx.num_layers, ctx.c0
         saved = ctx.saved_tensors
         buf, mean_all, var_all, bott_mean, bott_var = saved[:5]
@@ -158,29 +192,32 @@ class _DenseBlockFunction(torch.autograd.Function):
             grad_new = grad_buf[:, c_in:c_in + growth]
             if ctx.drop:
                 grad_new = grad_new * noises[i]
-            grad_bott, grad_scale2, grad_shift2, grad_w2 = ops.norm_act_conv2d_backward(
-                grad_new, bott, mean2, p.norm2_weight * invstd2, p.norm2_bias, p.conv2_weight,
-                *_conv_args(_CONV2), batch_invstd2, [True, True])
-            grad_in, grad_scale1, grad_shift1, grad_w1 = ops.norm_act_conv2d_backward(
-                grad_bott, buf[:, :c_in], mean1, p.norm1_weight * invstd1, p.norm1_bias, p.conv1_weight,
-                *_conv_args(_CONV1), batch_invstd1, [True, True])
+            grad_bott, grad_scale2, grad_shift2, grad_w2 = unit_backward(
+                grad_new, bott, mean2, invstd2, p.norm2_weight, p.norm2_bias, p.conv2_weight, _CONV2, batch_invstd2)
+            grad_in, grad_scale1, grad_shift1, grad_w1 = unit_backward(
+                grad_bott, buf[:, :c_in], mean1, invstd1, p.norm1_weight, p.norm1_bias, p.conv1_weight, _CONV1,
+                batch_invstd1)
             grad_buf[:, :c_in] += grad_in
             base = i * _PARAMS_PER_LAYER
             grads[base:base + 6] = [(grad_scale1 * invstd1).to(p.norm1_weight.dtype),
                                     grad_shift1.to(p.norm1_bias.dtype), grad_w1,
                                     (grad_scale2 * invstd2).to(p.norm2_weight.dtype),
                                     grad_shift2.to(p.norm2_bias.dtype), grad_w2]
-        return (grad_buf[:, :c0], None, None, None, None, None, None, *grads)
+        return (grad_buf[:, :c0], None, None, None, None, None, None, None, *grads)
 
 
 def dense_block(x: torch.Tensor, layers, use_batch_stats: bool, eps1, eps2, drop_rate: float = 0.0,
-                training: bool = False):
+                training: bool = False, process_group=None, sync: bool = False):
     """The features of a dense block, [x, new_1, ..., new_L] along channels, in
     one preallocated buffer laid out like x; layer i computes
     conv2(relu(bn2(conv1(relu(bn1(buffer[:, :c_i])))))) with the tensors of
     `layers[i]` (a DenseLayerParams), followed by dropout with `drop_rate`
     when `training`. BatchNorm uses batch statistics when use_batch_stats,
     else each layer's running statistics; eps1/eps2: per-layer epsilons.
+
+    With sync, the batch statistics are over every rank of process_group
+    (default: the world), as synchronised BatchNorm's; every rank must call
+    it, in the same order.
 
     Returns (buffer, stats): stats is a DenseBlockStats of the batch statistics
     (for the caller's running-statistics update), or None without batch
@@ -203,6 +240,8 @@ def dense_block(x: torch.Tensor, layers, use_batch_stats: bool, eps1, eps2, drop
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate: expected a probability in [0, 1), got {drop_rate!r}")
     flat = [t for p in layers for t in p]
-    buf, *stats = _DenseBlockFunction.apply(x, len(layers), use_batch_stats, tuple(eps1), tuple(eps2),
-                                            float(drop_rate), training, *flat)
-    return buf, (DenseBlockStats(*stats) if use_batch_stats else None)
+    world_size = sync_world_size(process_group) if sync and use_batch_stats else 1
+    group = (process_group, world_size) if world_size > 1 else None
+    buf, *stats, total = _DenseBlockFunction.apply(x, len(layers), use_batch_stats, tuple(eps1), tuple(eps2),
+                                                   float(drop_rate), training, group, *flat)
+    return buf, (DenseBlockStats(*stats, int(total.item())) if use_batch_stats else None)

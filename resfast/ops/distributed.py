@@ -35,43 +35,56 @@ def _local_moments(x):
     return ops.channel_stats(x)
 
 
+def gather_moments(mean, var, count, process_group, world_size):
+    """Every rank's per-channel (mean, biased var) over `count` values merged:
+    (mean, var) over all ranks in mean's dtype, and the total count."""
+    c = mean.shape[0]
+    # Merged in float64: the counts are exact and the merge is cheap (C values per rank).
+    local = torch.cat([mean.double(), var.double(), mean.new_full((1,), count, dtype=torch.float64)])
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=process_group)
+    stacked = torch.stack(gathered)
+    means, variances, counts = stacked[:, :c], stacked[:, c:2 * c], stacked[:, 2 * c:]
+    total = counts.sum()
+    global_mean = (means * counts).sum(0) / total
+    global_var = ((variances + (means - global_mean) ** 2) * counts).sum(0) / total
+    return global_mean.to(mean.dtype), global_var.to(mean.dtype), total.item()
+
+
+def shared_stats_grad(x, mean, grad_mean, grad_var, total, process_group):
+    """x's share of the gradient of statistics over every rank's batch (total
+    values): every rank's loss depends on them, so their gradients are summed
+    over ranks first."""
+    grads = torch.stack([grad_mean, grad_var]).contiguous()
+    dist.all_reduce(grads, group=process_group)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if count == 0:
+        return torch.zeros_like(x, memory_format=kernel_format(x))
+    # channel_stats_backward divides by the local count; the statistics are over all ranks.
+    share = count / total
+    return ops.channel_stats_backward(x, mean, (grads[0] * share).contiguous(), (grads[1] * share).contiguous())
+
+
 class _SyncMoments(torch.autograd.Function):
     """(mean, biased var) of x's channels over every rank's batch."""
 
     @staticmethod
     def forward(ctx, x, process_group, world_size):
         mean, var = _local_moments(x)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        c = x.shape[1]
-        # Merged in float64: the counts are exact and the merge is cheap (C values per rank).
-        local = torch.cat([mean.double(), var.double(), mean.new_full((1,), count, dtype=torch.float64)])
-        gathered = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(gathered, local, group=process_group)
-        stacked = torch.stack(gathered)
-        means, variances, counts = stacked[:, :c], stacked[:, c:2 * c], stacked[:, 2 * c:]
-        total = counts.sum()
-        global_mean = (means * counts).sum(0) / total
-        global_var = ((variances + (means - global_mean) ** 2) * counts).sum(0) / total
-        ctx.process_group = process_group
-        ctx.count, ctx.total = count, total.item()
-        ctx.save_for_backward(x, global_mean.to(mean.dtype))
+        global_mean, global_var, total = gather_moments(mean, var, x.shape[0] * x.shape[2] * x.shape[3],
+                                                        process_group, world_size)
+        ctx.process_group, ctx.total = process_group, total
+        ctx.save_for_backward(x, global_mean)
+        total = torch.tensor(total, dtype=torch.float64)
         ctx.mark_non_differentiable(total)
-        return global_mean.to(mean.dtype), global_var.to(mean.dtype), total
+        return global_mean, global_var, total
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var, _grad_total):
         x, mean = ctx.saved_tensors
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-        # Every rank's loss depends on the shared statistics: sum their gradients.
-        grads = torch.stack([grad_mean, grad_var]).contiguous()
-        dist.all_reduce(grads, group=ctx.process_group)
-        if ctx.count == 0:
-            return torch.zeros_like(x, memory_format=kernel_format(x)), None, None
-        # channel_stats_backward divides by the local count; the statistics are over all ranks.
-        share = ctx.count / ctx.total
-        grad_x = ops.channel_stats_backward(x, mean, (grads[0] * share).contiguous(), (grads[1] * share).contiguous())
-        return grad_x, None, None
+        return shared_stats_grad(x, mean, grad_mean, grad_var, ctx.total, ctx.process_group), None, None
 
 
 def sync_batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, momentum, eps, process_group=None):
