@@ -8,28 +8,10 @@
 #include <cmath>
 
 #include "common/checks.h"
-#include "common/layout.h"
 #include "ops.h"
 
 namespace resfast {
 namespace {
-
-// A fresh output filled by norm_act_conv2d_into, whose epilogue also takes
-// the output's moments.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats(
-    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  check_activation_input(x, "x");
-  check_conv_args(x, weight, stride, padding, dilation, groups);
-  const auto [oh, ow] = conv_output_size(x, weight, stride, padding, dilation);
-  at::Tensor y = at::empty({x.size(0), weight.size(0), oh, ow},
-                           x.options().dtype(weight.scalar_type()).memory_format(kernel_format(x)));
-  auto [y_mean, y_var] = ops::norm_act_conv2d_into(x, mean, scale, shift, weight, bias, residual, stride, padding,
-                                                   dilation, groups, activation, y, 0, true);
-  return {y, y_mean, y_var};
-}
 
 // group_stats spread over channels: mean[n, c] = mean[n, g], scale[n, c] =
 // rstd[n, g] * weight[c], shift[n, c] = bias[c].
@@ -116,7 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfast, CompositeExplicitAutograd, m) {
-  m.impl("norm_act_conv2d_stats", &norm_act_conv2d_stats);
   m.impl("group_norm_affine", &group_norm_affine);
   m.impl("batch_norm_affine", &batch_norm_affine);
 }

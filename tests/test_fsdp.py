@@ -64,65 +64,75 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _worker(rank, world, port, out_dir, name, mode, dtype):
+MODES = ("fsdp", "fsdp-keep-unsharded", "ddp")
+
+
+def _step(rank, name, mode, dtype):
+    """One data-parallel step of a fresh model; what it leaves, for the test."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    model = resfast.nn.convert_sync_batchnorm(build(name, dtype))
+    if mode == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    else:
+        options = dict(reshard_after_forward=mode == "fsdp")
+        if dtype == torch.float32:  # the float32 model under a bfloat16 policy
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in [m for m in model.modules() if isinstance(m, BLOCKS)]:
+            fully_shard(block, **options)
+        wrapped = fully_shard(model, **options)
+    x, grad = data(name, dtype)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    loss = sgd_step(wrapped, x[rows], grad[rows], 1.0)
+    dist.all_reduce(loss)  # the losses summed over ranks: the single process's loss
+    params = {n: _full(p).detach() for n, p in model.named_parameters()}
+    return {"loss": loss, "params": params, "buffers": dict(model.named_buffers())}
+
+
+def _worker(rank, world, port, out_dir, name, modes, dtype):
     init(rank, world, port)
     try:
         torch.set_num_threads(1)
-        dtype = torch.float32 if dtype == "bf16" else torch.float64  # bf16: the policy casts the float32 model
-        model = resfast.nn.convert_sync_batchnorm(build(name, dtype))
-        if mode == "ddp":
-            wrapped = nn.parallel.DistributedDataParallel(model)
-        else:
-            options = dict(reshard_after_forward=mode == "fsdp")
-            if dtype == torch.float32:
-                options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            for block in [m for m in model.modules() if isinstance(m, BLOCKS)]:
-                fully_shard(block, **options)
-            wrapped = fully_shard(model, **options)
-        x, grad = data(name, dtype)
-        rows = slice(rank * BATCH, (rank + 1) * BATCH)
-        loss = sgd_step(wrapped, x[rows], grad[rows], 1.0)
-        dist.all_reduce(loss)  # the losses summed over ranks: the single process's loss
-        params = {n: _full(p).detach() for n, p in model.named_parameters()}
-        torch.save({"loss": loss, "params": params, "buffers": dict(model.named_buffers())},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dtype = torch.float32 if dtype == "bf16" else torch.float64
+        results = {mode: _step(rank, name, mode, dtype) for mode in modes}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run(name, mode, dtype="fp64"):
+def run(name, modes, dtype="fp64"):
+    """{mode: [each rank's results]}, all modes in one pair of processes."""
     with tempfile.TemporaryDirectory() as out_dir:
-        run_ranks(_worker, WORLD, out_dir, name, mode, dtype)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        run_ranks(_worker, WORLD, out_dir, name, modes, dtype)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return {mode: [r[mode] for r in ranks] for mode in modes}
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "fsdp-keep-unsharded", "ddp"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_data_parallel_step_matches_single_process(name, mode):
-    ranks = run(name, mode)
+def test_data_parallel_step_matches_single_process(name):
+    results = run(name, MODES)
     model = build(name)
     x, grad = data(name)
     # DDP and FSDP2 average gradients over ranks; the single process takes
     # the mean of the per-rank losses.
     loss = sgd_step(model, x, grad, 1.0 / WORLD)
     tol = 1e-9
-    for r in ranks:
-        assert_close(r["loss"] / WORLD, loss, torch.float64, "loss", tol)
-        for n, p in model.named_parameters():
-            assert_close(r["params"][n], p, torch.float64, f"{n} after the step", tol)
-        for n, b in model.named_buffers():
-            if b.is_floating_point():
-                assert_close(r["buffers"][n], b, torch.float64, n, tol)
-            else:
-                assert torch.equal(r["buffers"][n], b), n
+    for mode, ranks in results.items():
+        for r in ranks:
+            assert_close(r["loss"] / WORLD, loss, torch.float64, f"{mode}: loss", tol)
+            for n, p in model.named_parameters():
+                assert_close(r["params"][n], p, torch.float64, f"{mode}: {n} after the step", tol)
+            for n, b in model.named_buffers():
+                if b.is_floating_point():
+                    assert_close(r["buffers"][n], b, torch.float64, f"{mode}: {n}", tol)
+                else:
+                    assert torch.equal(r["buffers"][n], b), f"{mode}: {n}"
 
 
 def test_fsdp_bfloat16_parameters_keep_float32_statistics():
     """MixedPrecisionPolicy(param_dtype=bfloat16): the norms' statistics and
     running buffers stay float32, and the step follows the float32 one."""
-    ranks = run("resnet18v2", "fsdp", "bf16")
+    ranks = run("resnet18v2", ("fsdp",), "bf16")["fsdp"]
     model = build("resnet18v2", torch.float32)
     x, grad = data("resnet18v2", torch.float32)
     loss = sgd_step(model, x, grad, 1.0 / WORLD)

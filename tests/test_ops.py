@@ -2,6 +2,8 @@
 inputs (tests/op_samples.py) against its reference on every backend, and,
 for each op, gradcheck in float64 and torch.library.opcheck."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -12,7 +14,25 @@ from resfast.ops import registry
 from utils import assert_close
 
 OPS = registry.OPS
-BACKENDS = [pair for pair in available_backends() if pair[0] != "reference"]
+
+
+def _backends(op):
+    """(backend, device) pairs to compare with the reference; for the
+    convolution ops, the triton backend once per engine ("triton/split")."""
+    pairs = []
+    for name, device in available_backends():
+        if name == "triton" and op.engines:
+            pairs += [(f"triton/{engine}", device) for engine in op.engines]
+        elif name != "reference":
+            pairs.append((name, device))
+    return pairs
+
+
+@contextlib.contextmanager
+def _using(backend):
+    name, _, engine = backend.partition("/")
+    with resfast.backend(name), resfast.ops.conv_impl(engine or "auto"):
+        yield
 
 
 def test_every_op_has_an_entry_and_samples():
@@ -22,11 +42,16 @@ def test_every_op_has_an_entry_and_samples():
         assert not op.missing(), f"{op.name}: {op.missing()}"
 
 
-def _cases(select=lambda op, sample: True):
+def _cases(select=lambda op, sample: True, backends=False):
     cases = []
     for name in sorted(OPS.keys() & SAMPLES.keys()):  # test_every_op_has_an_entry_and_samples: all of them
         for i, sample in enumerate(SAMPLES[name](torch.float32, "cpu")):
-            if select(OPS[name], sample):
+            if not select(OPS[name], sample):
+                continue
+            if backends:
+                cases += [pytest.param(name, i, b, d, id=f"{name}-{sample.name}-{b}-{d}") for b, d in
+                          _backends(OPS[name])]
+            else:
                 cases.append(pytest.param(name, i, id=f"{name}-{sample.name}"))
     return cases
 
@@ -42,15 +67,14 @@ def _clone(t):
 def _run(op, args, backend):
     """The op's outputs as a list (its mutated `out` buffer appended, if it has one)."""
     args = [_clone(a) for a in args]
-    with resfast.backend(backend):
+    with _using(backend):
         out = op.overload(*args)
     out = list(out) if isinstance(out, (tuple, list)) else [out]
     mutated = [i for i, a in enumerate(op.overload._schema.arguments) if a.alias_info and a.alias_info.is_write]
     return out + [args[i] for i in mutated]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("name,index", _cases())
+@pytest.mark.parametrize("name,index,backend,device", _cases(backends=True))
 def test_matches_reference(name, index, backend, device, poison_empty):
     op = OPS[name]
     sample = SAMPLES[name](torch.float32, device)[index]

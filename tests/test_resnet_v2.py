@@ -45,14 +45,16 @@ def test_small_model_matches_timm(backend, device, cfg, training, channels_last)
 
 
 @pytest.mark.skipif(not any(b == "triton" for b, _ in BACKENDS), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("engine", ["split", "triton"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_tiny_model_triton_matches_timm(training):
+def test_tiny_model_triton_matches_timm(training, engine):
     cfg = dict(layers=[1, 1], channels=(16, 32), stem_chs=8, num_classes=5)
     ours, ref = pair(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ours = ours.to(device, memory_format=torch.channels_last)
     x = torch.randn(2, 3, 20, 18).contiguous(memory_format=torch.channels_last)
-    compare_models(ours, ref, x.to(device), training, backend="triton")
+    with resfast.ops.conv_impl(engine):
+        compare_models(ours, ref, x.to(device), training, backend="triton")
 
 
 def test_stochastic_depth_matches_timm():

@@ -34,7 +34,8 @@ def exact_fp32(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _triton_backend():
-    with resfast.backend("triton"):
+    # The fused engine's kernels (the split engine's run in test_ops.py).
+    with resfast.backend("triton"), resfast.ops.conv_impl("triton"):
         yield
 
 

@@ -15,8 +15,9 @@ import torch._guards
 import triton
 import triton.language as tl
 
-from ._common import launch, activation_code, assert_launchable, config_for, dot_options, empty_like_format, \
+from ._common import activation_code, assert_launchable, config_for, dot_options, empty_like_format, launch, \
     multiprocessor_count, ship
+from .pointwise import _act, _act_grad
 
 # Shipped configurations; the launchers pick one with a shape heuristic.
 FWD_CONFIGS = [
@@ -42,27 +43,6 @@ WGRAD_CONFIGS = [
 # Each weight-gradient split should still loop this many BLOCK_K steps, so the
 # partial buffer and its reduction stay small relative to the GEMM work.
 _WGRAD_MIN_ITERS_PER_SPLIT = 8
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.where(z < 0.0, 0.0, z)  # NaN passes through, as in torch.relu
-    elif ACT == 2:
-        z = z * tl.sigmoid(z)
-    return z
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    if ACT == 1:
-        d = tl.where(z <= 0.0, 0.0, 1.0)  # torch's threshold_backward: 1 at NaN
-    elif ACT == 2:
-        s = tl.sigmoid(z)
-        d = s * (1.0 + z * (1.0 - s))
-    else:
-        d = tl.full(z.shape, 1.0, tl.float32)
-    return d
 
 
 @triton.jit

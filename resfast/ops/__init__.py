@@ -11,6 +11,7 @@ from resfast.ops import registry  # noqa: E402
 # The op families declare their ops in the registry as they are imported.
 from resfast.ops.backend import BACKENDS, backend  # noqa: E402
 from resfast.ops.batch_norm import batch_norm_act_conv2d, batch_norm_affine, update_running_stats  # noqa: E402
+from resfast.ops.conv_engines import conv_choices, conv_impl  # noqa: E402
 from resfast.ops.cpu_isa import available_cpu_isas, cpu_isa, hardware_isa, use_cpu_isa  # noqa: E402
 from resfast.ops.dense import DenseBlockStats, DenseLayerParams, dense_block  # noqa: E402
 from resfast.ops.distributed import sync_batch_norm_affine, sync_world_size  # noqa: E402
@@ -30,7 +31,8 @@ from resfast.ops.statistics import channel_stats  # noqa: E402
 registry.finalize()
 
 __all__ = ["BACKENDS", "DenseBlockStats", "DenseLayerParams", "NormAffine", "affine_act_conv2d", "available_cpu_isas",
-           "backend", "batch_norm_act_conv2d", "batch_norm_affine", "channel_stats", "conv_padding", "cpu_isa",
+           "backend", "batch_norm_act_conv2d", "batch_norm_affine", "channel_stats", "conv_choices", "conv_impl",
+           "conv_padding", "cpu_isa",
            "dense_block", "drop_path", "group_norm", "group_norm_affine", "hardware_isa", "kernel_format",
            "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats", "sync_batch_norm_affine",
            "sync_world_size", "update_running_stats", "use_cpu_isa"]

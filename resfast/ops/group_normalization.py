@@ -15,9 +15,9 @@ ops = torch.ops.resfast
 
 
 def _kernels():
-    from resfast.kernels import group_norm
+    from resfast.kernels import pointwise
 
-    return group_norm
+    return pointwise
 
 
 def check_group_norm_vectors(x, weight, bias):
@@ -91,7 +91,7 @@ def _(x, num_groups, weight, bias, eps, activation):
     x = triton_input(x)
     mean, var = ops.group_stats(x, num_groups)
     rstd = torch.rsqrt(var + eps)
-    y = _kernels().apply(x, *_channel_params(x, mean, rstd, weight, bias), activation)
+    y = _kernels().affine_act(x, *_channel_params(x, mean, rstd, weight, bias), activation)
     return y, mean, rstd
 
 
@@ -154,7 +154,7 @@ def _(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
     n, c = x.shape[:2]
     groups = mean.shape[1]
     mean_c, scale_c, shift_c = _channel_params(x, mean, rstd, weight, bias)
-    sums = _kernels().launch_backward_partials(grad_y, x, mean_c, scale_c, shift_c, activation).double().sum(2)
+    sums = _kernels().act_grad_sums(grad_y, x, mean_c, scale_c, shift_c, activation).double().sum(2)
     sum_dz, sum_dz_x = sums.unbind(0)  # (N, C) each
     grad_x = grad_weight = grad_bias = None
     if output_mask[1]:
@@ -172,7 +172,7 @@ def _(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
         r = rstd.double()
         coef_a = _spread((-r * s1 / count).float(), c)
         coef_b = _spread((-r**3 * s2 / count).float(), c)
-        grad_x = _kernels().input_grad(x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b, activation)
+        grad_x = _kernels().centered_affine_grad(x, grad_y, mean_c, scale_c, shift_c, coef_a, coef_b, activation)
     return grad_x, grad_weight, grad_bias
 
 

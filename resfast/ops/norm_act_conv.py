@@ -16,18 +16,11 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from resfast.activations import activate, activation_grad, check_activation
-from resfast.ops import registry
+from resfast.ops import conv_engines, registry
 from resfast.ops.checks import check_activation_input, check_conv_args, check_same_device, triton_input
 from resfast.ops.layout import accumulation_dtype, conv_output_size, kernel_format
 
 ops = torch.ops.resfast
-
-
-def _kernels():
-    # Imported on first use: the Triton interpreter flag is read when kernels are defined.
-    from resfast.kernels import conv
-
-    return conv
 
 
 def check_finite(name, value, low=None):
@@ -113,15 +106,8 @@ def _normalize(x, mean, scale, shift):
     return (x.to(acc) - _per_element(mean)) * _per_element(scale) + _per_element(shift)
 
 
-def _per_sample_params(mean):
-    """(N, C) parameters (GroupNorm). The Triton convolutions index parameters
-    by channel only, so such units run one sample at a time: correct, but N
-    launches; a sample stride in the kernels' prologue would fuse them."""
-    return mean.dim() == 2
-
-
 # ---------------------------------------------------------------- norm_act_conv2d
-norm_act_conv2d_op = registry.define("norm_act_conv2d")
+norm_act_conv2d_op = registry.define("norm_act_conv2d", engines=tuple(conv_engines.ENGINES))
 norm_act_conv2d_op.register_check(_check_forward)
 
 
@@ -143,18 +129,10 @@ def _reference_forward(x, mean, scale, shift, weight, bias, residual, stride, pa
 
 
 @norm_act_conv2d_op.register_triton
-def _triton_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
-                    batch_invstd=None):
-    x = triton_input(x)
-    if _per_sample_params(mean):
-        ys = [_triton_forward(x[i:i + 1], mean[i], scale[i], shift[i], weight, bias,
-                              None if residual is None else residual[i:i + 1], stride, padding, dilation, groups,
-                              activation) for i in range(x.shape[0])]
-        return torch.cat(ys).contiguous(memory_format=kernel_format(x))
-    y = torch.empty(_output_shape(x, weight, stride, padding, dilation), dtype=weight.dtype, device=x.device,
-                    memory_format=kernel_format(x))
-    _kernels().norm_act_conv2d_forward(x, mean.contiguous(), scale.contiguous(), shift.contiguous(), weight, bias,
-                                       residual, stride, padding, dilation, groups, activation, y, False)
+def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+      batch_invstd=None):
+    y, _ = conv_engines.forward(conv_engines.Forward(triton_input(x), mean, scale, shift, weight, bias, residual,
+                                                     stride, padding, dilation, groups, activation))
     return y
 
 
@@ -162,7 +140,7 @@ def _triton_forward(x, mean, scale, shift, weight, bias, residual, stride, paddi
 # The forward storing into the channel slice out[:, out_offset:out_offset + C_out]
 # of an NCHW- or channels_last-contiguous buffer; with compute_stats, the
 # per-channel mean and biased variance of the stored values.
-norm_act_conv2d_into_op = registry.define("norm_act_conv2d_into")
+norm_act_conv2d_into_op = registry.define("norm_act_conv2d_into", engines=tuple(conv_engines.ENGINES))
 
 
 @norm_act_conv2d_into_op.register_check
@@ -209,19 +187,9 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
 @norm_act_conv2d_into_op.register_triton
 def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation, out, out_offset,
       compute_stats=False):
-    x = triton_input(x)
-    triton_input(out, "out")
-    written = out[:, out_offset:out_offset + weight.shape[0]]
-    launch = _kernels().norm_act_conv2d_forward
-    if _per_sample_params(mean):
-        for i in range(x.shape[0]):
-            launch(x[i:i + 1], mean[i], scale[i], shift[i], weight, bias,
-                   None if residual is None else residual[i:i + 1], stride, padding, dilation, groups, activation,
-                   written[i:i + 1], False)
-        stats = ops.channel_stats(written) if compute_stats else None
-    else:
-        stats = launch(x, mean.contiguous(), scale.contiguous(), shift.contiguous(), weight, bias, residual, stride,
-                       padding, dilation, groups, activation, written, compute_stats)
+    _, stats = conv_engines.forward(conv_engines.Forward(triton_input(x), mean, scale, shift, weight, bias, residual,
+                                                         stride, padding, dilation, groups, activation,
+                                                         triton_input(out, "out"), out_offset, compute_stats))
     if stats is None:
         empty = x.new_empty((0,), dtype=torch.float32)
         return empty, empty.clone()
@@ -229,15 +197,53 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
 
 
 # ---------------------------------------------------------------- norm_act_conv2d_stats
-# norm_act_conv2d and its output's per-channel (mean, var): norm_act_conv2d_into
-# into a fresh tensor (csrc/composites.cpp; the CPU has its own kernel).
-registry.define("norm_act_conv2d_stats", composite=True)
+# norm_act_conv2d and its output's per-channel (mean, var), taken in the epilogue.
+norm_act_conv2d_stats_op = registry.define("norm_act_conv2d_stats", engines=tuple(conv_engines.ENGINES))
+
+
+@norm_act_conv2d_stats_op.register_check
+def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+      batch_invstd=None):
+    _check_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+                   batch_invstd)
+    n, _, oh, ow = _output_shape(x, weight, stride, padding, dilation)
+    if n * oh * ow == 0:
+        raise ValueError(f"norm_act_conv2d_stats: needs at least one output value per channel, got output shape "
+                         f"{(n, weight.shape[0], oh, ow)}")
+
+
+@norm_act_conv2d_stats_op.register_fake
+def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+      batch_invstd=None):
+    y = x.new_empty(_output_shape(x, weight, stride, padding, dilation), dtype=weight.dtype)
+    acc = accumulation_dtype(weight.dtype)
+    vec = y.new_empty((weight.shape[0],), dtype=acc)
+    return y.contiguous(memory_format=kernel_format(x)), vec, torch.empty_like(vec)
+
+
+@norm_act_conv2d_stats_op.register_reference
+def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+      batch_invstd=None):
+    y = _reference_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                           activation)
+    var, m = torch.var_mean(y.to(torch.float64), dim=(0, 2, 3), unbiased=False)
+    acc = accumulation_dtype(y.dtype)
+    return y, m.to(acc), var.to(acc)
+
+
+@norm_act_conv2d_stats_op.register_triton
+def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+      batch_invstd=None):
+    y, (y_mean, y_var) = conv_engines.forward(conv_engines.Forward(
+        triton_input(x), mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
+        compute_stats=True))
+    return y, y_mean, y_var
 
 
 # ---------------------------------------------------------------- norm_act_conv2d_backward
 # Both gradients in one op: grad_x (with batch_invstd, through the statistics
 # too), grad_scale, grad_shift and grad_weight (see csrc/ops.cpp).
-norm_act_conv2d_backward_op = registry.define("norm_act_conv2d_backward")
+norm_act_conv2d_backward_op = registry.define("norm_act_conv2d_backward", engines=tuple(conv_engines.ENGINES))
 
 
 @norm_act_conv2d_backward_op.register_check
@@ -305,55 +311,12 @@ def _(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups
     return grad_x, grad_scale, grad_shift, grad_weight
 
 
-def _group_stats_grad(x, mean, scale, grad_scale, grad_shift, invstd):
-    """mean and scale are x's GroupNorm statistics (mean[n, c] the group's
-    mean, scale[n, c] = gamma[c] * invstd[n, g]): their share of x's gradient."""
-    n, c = scale.shape
-    groups = invstd.shape[1]
-
-    def per_group_sum(t):
-        return t.reshape(n, groups, -1).sum(2)
-
-    grad_mean = -per_group_sum(scale * grad_shift)
-    grad_var = -0.5 * invstd * invstd * per_group_sum(scale * grad_scale)
-    return ops.group_stats_backward(x, mean[:, ::c // groups].contiguous(), grad_mean, grad_var)
-
-
 @norm_act_conv2d_backward_op.register_triton
-def _triton_backward(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation,
-                     batch_invstd, output_mask):
-    x = triton_input(x)
-    if _per_sample_params(mean):
-        outs = [_triton_backward(grad_out[i:i + 1], x[i:i + 1], mean[i], scale[i], shift[i], weight, stride,
-                                 padding, dilation, groups, activation, None, output_mask)
-                for i in range(x.shape[0])]
-        grad_x = grad_scale = grad_shift = grad_weight = None
-        if output_mask[0]:
-            grad_x = torch.cat([o[0] for o in outs]).contiguous(memory_format=kernel_format(x))
-            grad_scale, grad_shift = torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
-            if batch_invstd is not None:
-                grad_x = grad_x + _group_stats_grad(x, mean, scale, grad_scale, grad_shift, batch_invstd)
-        if output_mask[1]:
-            grad_weight = torch.stack([o[3].float() for o in outs]).sum(0).to(weight.dtype)
-            grad_weight = grad_weight.contiguous(memory_format=kernel_format(weight))
-        return grad_x, grad_scale, grad_shift, grad_weight
-    conv = _kernels()
-    mean, scale, shift = mean.contiguous(), scale.contiguous(), shift.contiguous()
-    grad_x = grad_scale = grad_shift = grad_weight = None
-    if output_mask[0]:
-        grad_x, grad_scale, grad_shift = conv.norm_act_conv2d_backward_input(
-            grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation)
-        if batch_invstd is not None:
-            # Training-mode BatchNorm: the batch statistics' share of the gradient.
-            grad_mean = -scale * grad_shift
-            grad_var = -0.5 * scale * batch_invstd * batch_invstd * grad_scale
-            grad_x = grad_x + ops.channel_stats_backward(x, mean, grad_mean, grad_var)
-        grad_x = grad_x.contiguous(memory_format=kernel_format(x))
-    if output_mask[1]:
-        grad_weight = conv.norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, tuple(weight.shape),
-                                                           stride, padding, dilation, groups, activation)
-        grad_weight = grad_weight.to(weight.dtype).contiguous(memory_format=kernel_format(weight))
-    return grad_x, grad_scale, grad_shift, grad_weight
+def _(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation, batch_invstd,
+      output_mask):
+    return conv_engines.backward(conv_engines.Backward(grad_out, triton_input(x), mean, scale, shift, weight, stride,
+                                                       padding, dilation, groups, activation, batch_invstd,
+                                                       tuple(output_mask)))
 
 
 # ---------------------------------------------------------------- entry points

@@ -44,6 +44,9 @@ class OpDef:
     fake: Optional[Callable] = None
     reference: Optional[Callable] = None
     triton: Optional[Callable] = None
+    # For the convolution ops: the engines their triton implementation chooses
+    # among per shape (resfast/ops/conv_engines).
+    engines: tuple = ()
 
     @property
     def qualname(self) -> str:
@@ -90,13 +93,13 @@ class OpDef:
 OPS: dict = {}
 
 
-def define(name: str, *, cuda: str = "triton", composite: bool = False) -> OpDef:
+def define(name: str, *, cuda: str = "triton", composite: bool = False, engines: tuple = ()) -> OpDef:
     """The registry entry of the op resfast::<name>."""
     if name in OPS:
         raise ValueError(f"op {name!r} is defined twice")
     if cuda not in CUDA_KINDS:
         raise ValueError(f"cuda: expected one of {CUDA_KINDS}, got {cuda!r}")
-    OPS[name] = OpDef(name, cuda, composite)
+    OPS[name] = OpDef(name, cuda, composite, engines=engines)
     return OPS[name]
 
 

@@ -13,9 +13,9 @@ ops = torch.ops.resfast
 
 def _kernels():
     # Imported on first use: the Triton interpreter flag is read when kernels are defined.
-    from resfast.kernels import group_norm, stats
+    from resfast.kernels import group_norm, pointwise, stats
 
-    return stats, group_norm
+    return stats, group_norm, pointwise
 
 
 def _empty_like(x):
@@ -203,8 +203,8 @@ def group_stats_input_grad(x, mean, grad_mean, grad_var):
     count = x[0].numel() // mean.shape[1]
     c = x.shape[1]
     mean_c = _spread(mean, c)
-    return _kernels()[1].input_grad(x, None, mean_c, mean_c, mean_c, _spread(grad_mean / count, c),
-                                    _spread(2 * grad_var / count, c), "identity")
+    return _kernels()[2].centered_affine_grad(x, None, mean_c, mean_c, mean_c, _spread(grad_mean / count, c),
+                                              _spread(2 * grad_var / count, c), "identity")
 
 
 @group_stats_backward_op.register_triton
