@@ -48,3 +48,35 @@ def poison_empty():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def triton_device():
+    """Where the triton backend runs: the GPU, else CPU tensors in the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _triton_tensors_on_the_gpu(request):
+    """With a GPU, a test parametrized with the triton backend creates its
+    tensors there (the backend needs the interpreter for CPU tensors)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend", "") if callspec else ""
+    if isinstance(backend, str) and backend.startswith("triton") and torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 on CUDA compared as float32: TF32 (cuDNN's default for
+    convolutions, and the Triton dots that follow it) would need tolerances
+    of its own."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

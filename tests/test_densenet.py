@@ -9,6 +9,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resfast
+from conftest import triton_device
 from resfast.bench.timing import saved_activation_bytes
 from utils import assert_close, compare_models, randomize
 
@@ -61,7 +62,7 @@ def test_dense_block_triton_interpreter():
     ref = torchvision.models.densenet._DenseBlock(2, 4, bn_size=2, growth_rate=4, drop_rate=0)
     ref.load_state_dict(block.state_dict())
     x = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
-    compare_models(block, ref.double(), x, True, "triton")
+    compare_models(block.to(triton_device()), ref.double(), x.to(triton_device()), True, "triton")
 
 
 def test_transition_odd_sizes_eval_and_train():

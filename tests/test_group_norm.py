@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resfast
-from conftest import available_backends
+from conftest import available_backends, triton_device
 from resfast.bench.timing import saved_activation_bytes
 from utils import assert_close
 
@@ -60,7 +60,8 @@ def test_matches_float64(backend, activation, fmt, shape, poison_empty):
     ("silu", CL, SHAPES[0]), ("relu", torch.contiguous_format, SHAPES[0]), ("identity", CL, SHAPES[2]),
     ("silu", torch.contiguous_format, SHAPES[1])], ids=["silu-cl", "relu-nchw", "id-cl-g=c", "silu-nchw-g1"])
 def test_triton_matches_float64(activation, fmt, shape):
-    check_against_float64("triton", shape, activation, fmt)
+    with torch.device(triton_device()):
+        check_against_float64("triton", shape, activation, fmt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -113,7 +113,7 @@ def test_small_hourglass_matches_reference(backend, device, training, channels_l
     if channels_last:
         ours = ours.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    compare_models(ours, ref, x, training, backend)
+    compare_models(ours.to(device), ref, x.to(device), training, backend)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -22,14 +22,7 @@ from utils import TOLERANCE  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.resfast
-pytestmark = pytest.mark.usefixtures("poison_empty", "exact_fp32")
-
-
-@pytest.fixture
-def exact_fp32(monkeypatch):
-    if torch.cuda.is_available():
-        # Kernels are checked with exact fp32 dots; TF32 would need looser tolerances.
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ def test_small_unet_matches_reference(backend, device, norm, upsample, training,
     if channels_last:
         ours = ours.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    compare_models(ours, ref, x, training, backend)
+    compare_models(ours.to(device), ref, x.to(device), training, backend)
 
 
 @pytest.mark.parametrize("norm,upsample", [("group", "transpose"), ("batch", "transpose"), ("group", "interpolate")])

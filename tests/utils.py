@@ -55,12 +55,12 @@ def _as_list(y):
 
 
 def compare_models(ours, ref, x, training, backend="auto", dtype=torch.float32, tol=None, grads=True):
-    """Run both models (ref in float64) on x with the same output gradients
-    and compare outputs (a tensor or a list of them), the input and parameter
-    gradients, and the buffers."""
+    """Run both models (ref in float64 on the CPU; ours where x is) on x with
+    the same output gradients and compare outputs (a tensor or a list of
+    them), the input and parameter gradients, and the buffers."""
     ours.train(training)
     ref.train(training)
-    x_ref = x.double().requires_grad_()
+    x_ref = x.detach().double().cpu().requires_grad_()
     y_ref = ref(x_ref)
     xin = x.to(dtype).requires_grad_()
     with resfast.backend(backend):
@@ -68,7 +68,7 @@ def compare_models(ours, ref, x, training, backend="auto", dtype=torch.float32, 
         if grads:
             gs = [torch.randn_like(t) for t in ys_ref]
             torch.autograd.backward(ys_ref, gs)
-            torch.autograd.backward(ys, [g.to(t.dtype) for g, t in zip(gs, ys)])
+            torch.autograd.backward(ys, [g.to(t.device, t.dtype) for g, t in zip(gs, ys)])
     assert len(ys) == len(ys_ref), f"{len(ys)} outputs, expected {len(ys_ref)}"
     for i, (out, out_ref) in enumerate(zip(ys, ys_ref)):
         assert_close(out, out_ref, dtype, f"output {i}", tol)

@@ -27,6 +27,7 @@ def parse_args(argv):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for CUDA, off for CPU")
     p.add_argument("--quick", action="store_true", help="small batch and fewer cases")
+    p.add_argument("--compile-mode", default=None, help="torch.compile's mode, e.g. max-autotune (default: its own)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile of the eager module")
     p.add_argument("--repeats", type=int, default=None)
@@ -38,12 +39,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _compiled(eager):
+def _compiled(eager, mode):
     # A fresh dynamo cache per case: the cases share forward code objects, and
     # past the recompile limit dynamo would silently run them eagerly.
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(eager)
+        compiled = torch.compile(eager, mode=mode)
         return compiled, None
     except Exception as e:  # noqa: BLE001  (reported, not hidden)
         return None, f"{type(e).__name__}: {e}"
@@ -62,7 +63,7 @@ def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
         # Compiling a whole ResNet-200 or DenseNet-264 takes minutes on a CPU.
         compiled, compile_error = None, "not compiled for whole models with --quick"
     else:
-        compiled, compile_error = _compiled(eager)
+        compiled, compile_error = _compiled(eager, args.compile_mode)
     for mode, training in (("inference", False), ("training", True)):
         for m in (eager, ours):
             m.train(training)
@@ -196,8 +197,16 @@ def main(argv=None):
     for case in _progress(cases):
         batch = args.batch_size or case.default_batch(device.type, args.quick)
         rows.append(run_case(case, args, device, dtype, channels_last, batch, peaks))
-    env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, quick=args.quick)
+    env.update(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last, quick=args.quick,
+               compile_mode=args.compile_mode or "default")
+    env["conv_choices"] = resfast.ops.conv_choices()
     print_table(rows, env)
+    if env["conv_choices"]:
+        print("\nconvolution engines chosen (resfast.ops.conv_choices):")
+        for key, choice in env["conv_choices"].items():
+            timings = ", ".join(f"{name} {t * 1e6:.0f} us" if isinstance(t, float) else f"{name}: {t}"
+                                for name, t in choice["candidates"].items())
+            print(f"  {key}: {choice['choice']} ({timings})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "cases": rows}, f, indent=2)
