@@ -7,6 +7,7 @@
 // traces it through the fake kernels.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -15,7 +16,18 @@ namespace resfast {
 namespace {
 
 using torch::autograd::AutogradContext;
+using torch::autograd::compute_requires_grad;
 using torch::autograd::variable_list;
+
+// Function::apply builds its context (saved tensors and arguments) even when
+// nothing will be differentiated: several microseconds a call, more than a
+// small unit's normalisation. Without a gradient to record (grad mode off,
+// or no input requiring one), each kernel below calls its op directly.
+#define RESFAST_UNRECORDED(call, ...)                                   \
+  if (!compute_requires_grad(__VA_ARGS__)) {                            \
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;          \
+    return call;                                                        \
+  }
 
 // What the unit's backward needs: x, the per-channel vectors and the weight
 // (act(z) is recomputed), and the non-tensor arguments.
@@ -136,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_autograd(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    double eps, c10::string_view activation) {
+  RESFAST_UNRECORDED(ops::group_norm(x, num_groups, weight, bias, eps, activation), x, weight, bias);
   const auto out = GroupNorm::apply(x, num_groups, weight, bias, eps, activation);
   return {out[0], out[1], out[2]};
 }
@@ -179,11 +192,13 @@ class GroupStats : public torch::autograd::Function<GroupStats> {
 };
 
 std::tuple<at::Tensor, at::Tensor> channel_stats_autograd(const at::Tensor& x) {
+  RESFAST_UNRECORDED(ops::channel_stats(x), x);
   const auto out = ChannelStats::apply(x);
   return {out[0], out[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> group_stats_autograd(const at::Tensor& x, int64_t num_groups) {
+  RESFAST_UNRECORDED(ops::group_stats(x, num_groups), x);
   const auto out = GroupStats::apply(x, num_groups);
   return {out[0], out[1]};
 }
@@ -194,6 +209,9 @@ at::Tensor norm_act_conv2d_autograd(const at::Tensor& x, const at::Tensor& mean,
                                     const std::optional<at::Tensor>& residual, c10::IntArrayRef stride,
                                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                                     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
+  RESFAST_UNRECORDED(ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation,
+                                          groups, activation, batch_invstd),
+                     x, mean, scale, shift, weight, bias, residual);
   return NormActConv2dUnit<false>::apply(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation,
                                          groups, activation, batch_invstd)[0];
 }
@@ -203,6 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats_autograd(
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
+  RESFAST_UNRECORDED(ops::norm_act_conv2d_stats(x, mean, scale, shift, weight, bias, residual, stride, padding,
+                                                dilation, groups, activation, batch_invstd),
+                     x, mean, scale, shift, weight, bias, residual);
   const auto out = NormActConv2dUnit<true>::apply(x, mean, scale, shift, weight, bias, residual, stride, padding,
                                                   dilation, groups, activation, batch_invstd);
   return {out[0], out[1], out[2]};
@@ -261,6 +282,7 @@ class GroupNormAffine : public torch::autograd::Function<GroupNormAffine> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine_autograd(
     const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
+  RESFAST_UNRECORDED(ops::group_norm_affine(x, num_groups, weight, bias, eps), x, weight, bias);
   const auto out = GroupNormAffine::apply(x, num_groups, weight, bias, eps);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -314,6 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine_aut
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias, bool training,
     double momentum, double eps, const std::optional<at::Tensor>& batch_mean,
     const std::optional<at::Tensor>& batch_var) {
+  RESFAST_UNRECORDED(ops::batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                                            batch_mean, batch_var),
+                     x, bn_weight, bn_bias);
   const auto out = BatchNormAffine::apply(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
                                           batch_mean, batch_var);
   return {out[0], out[1], out[2], out[3]};

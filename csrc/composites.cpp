@@ -1,7 +1,8 @@
-// The ops composed of other resfast ops, written once for every device
-// (CompositeExplicitAutograd); a backend may register a faster kernel of its
-// own (the CPU has both). resfast.backend runs these same kernels with its
-// inner ops switched, and their autograd is in autograd.cpp.
+// The ops composed of other resfast ops, written once for every device:
+// CompositeExplicitAutograd ones (a backend may register a faster kernel of
+// its own: the CPU has both; their autograd is in autograd.cpp, and
+// resfast.backend runs these same kernels with its inner ops switched), and
+// CompositeImplicitAutograd ones, which autograd sees through.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,15 +32,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine(
   return {mean.repeat_interleave(c / num_groups, 1), std::move(scale), std::move(shift), std::move(rstd)};
 }
 
-// A (C,) vector for x's channels, on x's device.
-void check_channel_vector(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape (", x.size(1),
-                    ",) for input of shape ", x.sizes(), ", got ", t->sizes());
-  TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected a tensor on ", x.device(), " like x, got one on ",
-                    t->device());
-}
-
 // F.batch_norm's normalisation as the unit's (mean, scale, shift, invstd).
 // One op instead of a dozen tensor calls from Python per unit: at CIFAR-size
 // layers they cost more than the convolution.
@@ -48,32 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine(
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias, bool training,
     double momentum, double eps, const std::optional<at::Tensor>& batch_mean,
     const std::optional<at::Tensor>& batch_var) {
-  check_activation_input(x, "x");
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
-  if (training && running_mean.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(momentum), "momentum: expected a finite number, got ", momentum);
-  }
-  const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {
-      {&running_mean, "running_mean"}, {&running_var, "running_var"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"}};
-  for (const auto& [t, name] : vectors) check_channel_vector(x, *t, name);
-  TORCH_CHECK_VALUE(training || (running_mean.has_value() && running_var.has_value()),
-                    "running_mean, running_var: expected tensors when training=False");
-  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
-                    "running_mean, running_var: expected both or neither");
+  check_batch_norm_args(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps);
   const auto acc = accumulation_type(x.scalar_type());
   at::Tensor mean, invstd;
   if (training) {
     const int64_t count = x.size(0) * x.size(2) * x.size(3);
-    TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got input size ",
-                      x.sizes());
     at::Tensor var;
-    if (batch_mean.has_value() || batch_var.has_value()) {
-      for (const auto* t : {&batch_mean, &batch_var}) {
-        TORCH_CHECK_VALUE(t->has_value() && (*t)->sizes() == at::IntArrayRef{x.size(1)} &&
-                              (*t)->scalar_type() == acc && (*t)->device() == x.device(),
-                          "batch_stats ", t == &batch_mean ? "mean" : "var", ": expected a (", x.size(1), ",) ", acc,
-                          " tensor on ", x.device());
-      }
+    if (check_batch_stats(x, batch_mean, batch_var)) {
       mean = batch_mean->clone();
       var = *batch_var;
     } else {
@@ -95,7 +68,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine(
   return {std::move(mean), std::move(scale), std::move(shift), std::move(invstd)};
 }
 
+// The unit from a BatchNorm's arguments; the convolution's are checked first,
+// as the Python entry point does.
+at::Tensor batch_norm_act_conv2d(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var,
+                                 const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                                 bool training, double momentum, double eps, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                 int64_t groups, c10::string_view activation,
+                                 const std::optional<at::Tensor>& batch_mean,
+                                 const std::optional<at::Tensor>& batch_var) {
+  check_activation_input(x, "x");
+  check_conv_args(x, weight, stride, padding, dilation, groups);
+  auto [mean, scale, shift, invstd] = ops::batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias,
+                                                             training, momentum, eps, batch_mean, batch_var);
+  return ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                              activation, training ? std::optional<at::Tensor>(invstd) : std::nullopt);
+}
+
+at::Tensor group_norm_act_conv2d(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& norm_weight,
+                                 const std::optional<at::Tensor>& norm_bias, double eps, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                 int64_t groups, c10::string_view activation) {
+  check_activation_input(x, "x");
+  check_conv_args(x, weight, stride, padding, dilation, groups);
+  auto [mean, scale, shift, rstd] = ops::group_norm_affine(x, num_groups, norm_weight, norm_bias, eps);
+  return ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
+                              activation, rstd);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(resfast, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm_act_conv2d", &batch_norm_act_conv2d);
+  m.impl("group_norm_act_conv2d", &group_norm_act_conv2d);
+}
 
 TORCH_LIBRARY_IMPL(resfast, CompositeExplicitAutograd, m) {
   m.impl("group_norm_affine", &group_norm_affine);

@@ -102,4 +102,16 @@ TORCH_LIBRARY(resfast, m) {
       "batch_norm_affine(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? bn_weight, "
       "Tensor? bn_bias, bool training, float momentum, float eps, Tensor? batch_mean=None, "
       "Tensor? batch_var=None) -> (Tensor mean, Tensor scale, Tensor shift, Tensor invstd)");
+  // The fused unit with BatchNorm's or GroupNorm's arguments: batch_norm_affine
+  // (or group_norm_affine), then norm_act_conv2d, composed at the autograd
+  // level (CompositeImplicitAutograd): one call from Python per unit.
+  m.def(
+      "batch_norm_act_conv2d(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? bn_weight, "
+      "Tensor? bn_bias, bool training, float momentum, float eps, Tensor weight, Tensor? bias, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, Tensor? batch_mean=None, "
+      "Tensor? batch_var=None) -> Tensor");
+  m.def(
+      "group_norm_act_conv2d(Tensor x, int num_groups, Tensor? norm_weight, Tensor? norm_bias, float eps, "
+      "Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "str activation) -> Tensor");
 }

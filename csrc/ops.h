@@ -103,6 +103,27 @@ inline Tensors4 batch_norm_affine(const at::Tensor& x, const OptionalTensor& run
                batch_mean, batch_var);
 }
 
+inline at::Tensor batch_norm_act_conv2d(const at::Tensor& x, const OptionalTensor& running_mean,
+                                        const OptionalTensor& running_var, const OptionalTensor& bn_weight,
+                                        const OptionalTensor& bn_bias, bool training, double momentum, double eps,
+                                        const at::Tensor& weight, const OptionalTensor& bias,
+                                        const OptionalTensor& residual, c10::IntArrayRef stride,
+                                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                        c10::string_view activation, const OptionalTensor& batch_mean,
+                                        const OptionalTensor& batch_var) {
+  RESFAST_CALL(batch_norm_act_conv2d, x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+               weight, bias, residual, stride, padding, dilation, groups, activation, batch_mean, batch_var);
+}
+
+inline at::Tensor group_norm_act_conv2d(const at::Tensor& x, int64_t num_groups, const OptionalTensor& norm_weight,
+                                        const OptionalTensor& norm_bias, double eps, const at::Tensor& weight,
+                                        const OptionalTensor& bias, const OptionalTensor& residual,
+                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                        c10::IntArrayRef dilation, int64_t groups, c10::string_view activation) {
+  RESFAST_CALL(group_norm_act_conv2d, x, num_groups, norm_weight, norm_bias, eps, weight, bias, residual, stride,
+               padding, dilation, groups, activation);
+}
+
 #undef RESFAST_CALL
 
 }  // namespace resfast::ops

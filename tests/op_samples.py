@@ -129,6 +129,9 @@ def group_norm_affine(dtype, device):
 _UNITS = [
     ("k3-nchw-relu", 2, 4, 5, 6, 6, 3, 1, 1, 1, 1, "relu", "nchw", True, True, "channel"),
     ("k1-cl-silu", 2, 5, 4, 3, 7, 1, 1, 0, 1, 1, "silu", "channels_last", False, False, "channel"),
+    # Enough positions per sample for the CPU's chunked 1x1 path (two chunks, the last one short).
+    ("k1-nchw-relu-chunked", 2, 5, 12, 12, 7, 1, 1, 0, 1, 1, "relu", "nchw", True, True, "channel"),
+    ("k1-slice-gn-chunked", 2, 4, 8, 9, 6, 1, 1, 0, 1, 1, "silu", "slice", False, False, "sample"),
     ("k3s2-g2-identity", 1, 4, 7, 5, 6, 3, 2, 1, 1, 2, "identity", "nchw", False, True, "channel"),
     ("k3d2-slice", 2, 4, 6, 6, 3, 3, 1, 2, 2, 1, "relu", "slice", True, False, "channel"),
     ("gn-k3-cl-silu", 2, 4, 5, 4, 6, 3, 1, 1, 1, 1, "silu", "channels_last", True, True, "sample"),
@@ -249,7 +252,32 @@ def batch_norm_affine(dtype, device):
     return samples
 
 
-SAMPLES = {f.__name__: f for f in (batch_norm_affine, channel_stats, channel_stats_backward, group_stats,
-                                   group_stats_backward, group_norm, group_norm_backward, group_norm_affine,
+def batch_norm_act_conv2d(dtype, device):
+    samples = []
+    for i, (training, given) in enumerate(((True, False), (False, False), (True, True))):
+        x, _, _, _, weight, bias, residual, conv = _unit(_UNITS[i], dtype, device)
+        c = x.shape[1]
+        running = _vec(c, dtype, device), _vec(c, dtype, device, low=0.5)
+        affine = _vec(c, dtype, device, low=0.5), _vec(c, dtype, device)
+        stats = (None, None)
+        if given:
+            var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+            stats = mean.to(_acc(dtype)), var.to(_acc(dtype))
+        samples.append(Sample(_UNITS[i][0] + ("-train" if training else "-eval"),
+                              (x, *running, *affine, training, 0.1, 1e-5, weight, bias, residual, *conv, *stats),
+                              opcheck=i == 0, differentiable=not given))
+    return samples
+
+
+def group_norm_act_conv2d(dtype, device):
+    x, _, _, _, weight, bias, residual, conv = _unit(_UNITS[0], dtype, device)
+    gn = _gn_affine(x.shape[1], dtype, device)
+    return [Sample("affine", (x, 2, *gn, 1e-5, weight, bias, residual, *conv), opcheck=True),
+            Sample("plain", (x, 4, None, None, 1e-5, weight, None, None, *conv))]
+
+
+SAMPLES = {f.__name__: f for f in (batch_norm_act_conv2d, group_norm_act_conv2d, batch_norm_affine, channel_stats,
+                                   channel_stats_backward, group_stats, group_stats_backward, group_norm,
+                                   group_norm_backward, group_norm_affine,
                                    norm_act_conv2d, norm_act_conv2d_stats, norm_act_conv2d_into,
                                    norm_act_conv2d_backward)}

@@ -16,12 +16,58 @@ Activation parse_activation(c10::string_view activation) {
                     std::string(activation), "'");
 }
 
+void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " like x, got one on ",
+                    t.device());
+}
+
 void check_activation_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, ": expected a 4-D (N, C, H, W) tensor, got ", x.dim(),
                     "-D with shape ", x.sizes());
   const auto t = x.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
                    name, ": expected float32, float16, bfloat16 or float64, got ", t);
+}
+
+void check_channel_vector(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape (", x.size(1),
+                    ",) for input of shape ", x.sizes(), ", got ", t->sizes());
+  check_same_device(x, *t, name);
+}
+
+void check_batch_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& bn_weight,
+                           const std::optional<at::Tensor>& bn_bias, bool training, double momentum, double eps) {
+  check_activation_input(x, "x");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  if (training && running_mean.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(momentum), "momentum: expected a finite number, got ", momentum);
+  }
+  const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {
+      {&running_mean, "running_mean"}, {&running_var, "running_var"}, {&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"}};
+  for (const auto& [t, name] : vectors) check_channel_vector(x, *t, name);
+  TORCH_CHECK_VALUE(training || (running_mean.has_value() && running_var.has_value()),
+                    "running_mean, running_var: expected tensors when training=False");
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean, running_var: expected both or neither");
+  if (training) {
+    TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) != 1,
+                      "Expected more than 1 value per channel when training, got input size ", x.sizes());
+  }
+}
+
+bool check_batch_stats(const at::Tensor& x, const std::optional<at::Tensor>& batch_mean,
+                       const std::optional<at::Tensor>& batch_var) {
+  if (!batch_mean.has_value() && !batch_var.has_value()) return false;
+  const auto acc = accumulation_type(x.scalar_type());
+  for (const auto* t : {&batch_mean, &batch_var}) {
+    TORCH_CHECK_VALUE(t->has_value() && (*t)->dim() == 1 && (*t)->size(0) == x.size(1) &&
+                          (*t)->scalar_type() == acc && (*t)->device() == x.device(),
+                      "batch_stats ", t == &batch_mean ? "mean" : "var", ": expected a (", x.size(1), ",) ", acc,
+                      " tensor on ", x.device());
+  }
+  return true;
 }
 
 at::ScalarType accumulation_type(at::ScalarType t) {
@@ -41,8 +87,7 @@ void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Te
                       c, ") for input of shape ", x.sizes(), ", got ", p->sizes());
     TORCH_CHECK_TYPE(p->scalar_type() == acc, name, ": expected dtype ", acc, " for input dtype ",
                      x.scalar_type(), ", got ", p->scalar_type());
-    TORCH_CHECK_VALUE(p->device() == x.device(), name, ": expected device ", x.device(), ", got ",
-                      p->device());
+    check_same_device(x, *p, name);
   }
   TORCH_CHECK_VALUE(mean.sizes() == scale.sizes() && scale.sizes() == shift.sizes(),
                     "mean, scale and shift: expected one shape, got ", mean.sizes(), ", ",
@@ -60,7 +105,7 @@ void check_group_norm_affine(const at::Tensor& x, const std::optional<at::Tensor
                       ",) for input of shape ", x.sizes(), ", got ", v.sizes());
     TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type() || v.scalar_type() == acc, name, ": expected dtype ",
                      x.scalar_type(), " or ", acc, ", got ", v.scalar_type());
-    TORCH_CHECK_VALUE(v.device() == x.device(), name, ": expected device ", x.device(), ", got ", v.device());
+    check_same_device(x, v, name);
   }
 }
 
@@ -79,7 +124,7 @@ void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, cons
   for (const auto& [t, name] : vectors) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == c, name, ": expected shape (", c, ",), got ", t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
+    check_same_device(x, *t, name);
   }
 }
 
@@ -87,8 +132,7 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArra
                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK_VALUE(weight.dim() == 4, "weight: expected a 4-D (out_channels, in_channels/groups, kH, kW) tensor, got shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight: expected device ", x.device(), ", got ",
-                    weight.device());
+  check_same_device(x, weight, "weight");
   TORCH_CHECK_VALUE(groups > 0, "groups: expected a positive integer, got ", groups);
   TORCH_CHECK_VALUE(x.size(1) % groups == 0 && weight.size(0) % groups == 0,
                     "groups: expected to divide in_channels (", x.size(1), ") and out_channels (",

@@ -17,6 +17,24 @@ Activation parse_activation(c10::string_view activation);
 // (N, C, H, W) with a float dtype the kernels support.
 void check_activation_input(const at::Tensor& x, const char* name);
 
+// t on x's device.
+void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name);
+
+// An optional (C,) vector for x's channels, on x's device.
+void check_channel_vector(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name);
+
+// F.batch_norm's arguments for x: the optional (C,) vectors, eps finite and
+// >= 0, momentum finite when running statistics are updated, and running
+// statistics when training is false.
+void check_batch_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& bn_weight,
+                           const std::optional<at::Tensor>& bn_bias, bool training, double momentum, double eps);
+
+// x's batch (mean, var) from its producer: both or neither, (C,) of x's
+// accumulation dtype on its device. Whether they are given.
+bool check_batch_stats(const at::Tensor& x, const std::optional<at::Tensor>& batch_mean,
+                       const std::optional<at::Tensor>& batch_var);
+
 // mean/scale/shift: (C,) or (N, C) of the accumulation dtype of x.
 void check_norm_params(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                        const at::Tensor& shift);

@@ -57,6 +57,16 @@ def sync_process_group(bn: nn.Module, training: bool):
     return False, None
 
 
+def direct(x, residual=None, weight=None) -> bool:
+    """Whether a module's arguments can go to the registered ops as they are
+    (they check them in C++): a non-empty floating-point CPU or CUDA tensor,
+    no autocast, and a residual of the convolution's dtype."""
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0
+            and x.device.type in ("cpu", "cuda")
+            and not torch.is_autocast_enabled(x.device.type)
+            and (residual is None or residual.dtype == weight.dtype))
+
+
 def bn_affine(bn: nn.Module, x: torch.Tensor, training: bool, batch_stats=None) -> "ops.NormAffine":
     """bn's normalisation of x (one statistics pass, or x's batch_stats when
     its producer computed them; running statistics updated), with statistics
@@ -66,7 +76,16 @@ def bn_affine(bn: nn.Module, x: torch.Tensor, training: bool, batch_stats=None) 
     running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(bn, training)
     if sync:
         return ops.sync_batch_norm_affine(x, running_mean, running_var, weight, bias, factor, eps, group)
-    return ops.batch_norm_affine(x, running_mean, running_var, weight, bias, use_batch, factor, eps,
+    return batch_norm_affine(x, running_mean, running_var, weight, bias, use_batch, factor, eps, batch_stats)
+
+
+def batch_norm_affine(x, running_mean, running_var, weight, bias, training, momentum, eps, batch_stats=None):
+    """ops.batch_norm_affine, the op called directly where it can be."""
+    if direct(x):
+        mean, scale, shift, invstd = torch.ops.resfast.batch_norm_affine(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, *(batch_stats or (None, None)))
+        return ops.NormAffine(mean, scale, shift, invstd if training else None)
+    return ops.batch_norm_affine(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                  batch_stats=batch_stats)
 
 

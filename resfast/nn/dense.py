@@ -8,7 +8,7 @@ from torch import nn
 
 from resfast import ops
 from resfast.nn.batch_norm import batch_norm_args, bn_affine, sync_process_group
-from resfast.nn.norm_conv import batch_norm_conv
+from resfast.nn.norm_conv import batch_norm_conv, norm_conv
 
 
 class DenseLayer(nn.Module):
@@ -116,5 +116,4 @@ class Transition(nn.Module):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        affine = bn_affine(self.norm, x, self.training)
-        return _AvgPool2x2.apply(ops.affine_act_conv2d(x, affine, self.conv.weight))
+        return _AvgPool2x2.apply(norm_conv(x, bn_affine(self.norm, x, self.training), self.conv))

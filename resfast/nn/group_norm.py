@@ -6,7 +6,9 @@ from torch import nn
 
 from resfast import ops
 from resfast.activations import check_activation
+from resfast.nn.batch_norm import direct
 from resfast.nn.norm_act_conv import NormActConvUnit
+from resfast.nn.norm_conv import conv_arguments
 
 
 class GroupNorm(nn.GroupNorm):
@@ -60,6 +62,10 @@ class GNActConv2d(NormActConvUnit):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         norm, conv = self.norm, self.conv
+        if direct(x, residual, conv.weight):
+            return torch.ops.resfast.group_norm_act_conv2d(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                                           conv.weight, conv.bias, residual, *conv_arguments(conv),
+                                                           self.activation)
         affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride, self._padding,
                                      conv.dilation, conv.groups, self.activation)

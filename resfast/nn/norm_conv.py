@@ -1,13 +1,30 @@
 """The fused ops applied with nn modules' parameters: a norm module's
 normalisation of x (or of the parts of a channel concatenation) as
 NormAffines, and a convolution module applied to it, fused. The blocks and
-models share these."""
+models share these.
+
+A module's arguments are the ops' as they are, so most calls go to the
+registered ops directly (`direct`), which check them in C++ with the
+entry points' messages; the entry points (resfast.ops.*) take the rest:
+autocast, mixed-dtype residuals, empty batches, anything not a tensor. Per
+unit that saves the Python-level checks, which cost more than a small
+layer's convolution.
+"""
 
 import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.batch_norm import BATCH_NORMS, batch_norm_args, bn_affine, sync_process_group
+from resfast.nn.batch_norm import BATCH_NORMS, batch_norm_affine, batch_norm_args, bn_affine, direct, \
+    sync_process_group
+
+fused = torch.ops.resfast
+
+
+def conv_arguments(conv: nn.Conv2d):
+    """conv's stride, padding (ints), dilation and groups as the ops take them."""
+    return (list(conv.stride), list(ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)),
+            list(conv.dilation), conv.groups)
 
 
 def check_conv_module(conv: nn.Conv2d):
@@ -17,14 +34,23 @@ def check_conv_module(conv: nn.Conv2d):
         raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
 
 
+def _affine_conv(x, affine, conv, weight, bias, residual, activation, output_stats=False):
+    """The fused op with conv's arguments and the given weight and bias."""
+    stride, padding, dilation, groups = conv_arguments(conv)
+    if direct(x, residual, weight):
+        args = (x, affine.mean, affine.scale, affine.shift, weight, bias, residual, stride, padding, dilation, groups,
+                activation, affine.batch_invstd)
+        return fused.norm_act_conv2d_stats(*args) if output_stats else fused.norm_act_conv2d(*args)
+    return ops.affine_act_conv2d(x, affine, weight, bias, residual, stride, padding, dilation, groups, activation,
+                                 output_stats=output_stats)
+
+
 def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residual=None, activation="relu",
               output_stats=False):
     """conv(act(normalised x)) + residual, one fused op, with conv's
     parameters; with output_stats, also the output's per-channel (mean, var)
     from the epilogue: (y, (mean, var))."""
-    out = ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride,
-                                ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
-                                conv.groups, activation, output_stats=output_stats)
+    out = _affine_conv(x, affine, conv, conv.weight, conv.bias, residual, activation, output_stats)
     return (out[0], out[1:]) if output_stats else out
 
 
@@ -35,9 +61,15 @@ def batch_norm_conv(bn: nn.Module, conv: nn.Conv2d, x: torch.Tensor, training: b
     bn is synchronised). batch_stats: x's, from its producer."""
     if sync_process_group(bn, training)[0]:
         return norm_conv(x, bn_affine(bn, x, training), conv, residual, activation)
-    return ops.batch_norm_act_conv2d(x, *batch_norm_args(bn, training), conv.weight, conv.bias, conv.stride,
-                                     ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
-                                     conv.groups, activation, residual, batch_stats)
+    running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(bn, training)
+    if direct(x, residual, conv.weight):
+        return fused.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps,
+                                           conv.weight, conv.bias, residual, *conv_arguments(conv), activation,
+                                           *(batch_stats or (None, None)))
+    return ops.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps, conv.weight,
+                                     conv.bias, conv.stride, ops.conv_padding(conv.padding, conv.kernel_size,
+                                                                              conv.dilation),
+                                     conv.dilation, conv.groups, activation, residual, batch_stats)
 
 
 def norm_affines(parts, norm: nn.Module, training: bool) -> list:
@@ -68,14 +100,21 @@ def norm_affines(parts, norm: nn.Module, training: bool) -> list:
             return [ops.sync_batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w),
                                                part(weight, s, w), part(bias, s, w), factor, eps, group)
                     for x, s, w in zip(parts, starts, widths)]
-        return [ops.batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w), part(weight, s, w),
-                                      part(bias, s, w), use_batch, factor, eps)
+        return [batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w), part(weight, s, w),
+                                  part(bias, s, w), use_batch, factor, eps)
                 for x, s, w in zip(parts, starts, widths)]
     group_size = norm.num_channels // norm.num_groups
     if any(w % group_size for w in widths):
         raise ValueError(f"input: each part's channels {widths} must hold whole groups of {group_size} channels")
-    return [ops.group_norm_affine(x, w // group_size, part(norm.weight, s, w), part(norm.bias, s, w), norm.eps)
+    return [group_norm_affine(x, w // group_size, part(norm.weight, s, w), part(norm.bias, s, w), norm.eps)
             for x, s, w in zip(parts, starts, widths)]
+
+
+def group_norm_affine(x, num_groups, weight, bias, eps) -> "ops.NormAffine":
+    """ops.group_norm_affine, the op called directly where it can be."""
+    if direct(x):
+        return ops.NormAffine(*fused.group_norm_affine(x, num_groups, weight, bias, eps))
+    return ops.group_norm_affine(x, num_groups, weight, bias, eps)
 
 
 def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
@@ -90,8 +129,5 @@ def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
     weights = conv.weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (conv.weight,)
     y = residual
     for i, (x, affine, weight) in enumerate(zip(parts, affines, weights)):
-        bias = conv.bias if i == len(parts) - 1 else None
-        y = ops.affine_act_conv2d(x, affine, weight, bias, y, conv.stride,
-                                  ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation), conv.dilation,
-                                  conv.groups, activation)
+        y = _affine_conv(x, affine, conv, weight, conv.bias if i == len(parts) - 1 else None, y, activation)
     return y

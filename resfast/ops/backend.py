@@ -37,7 +37,7 @@ class _BackendMode(TorchDispatchMode):
         if func.namespace != "resfast":
             return func(*args, **kwargs)
         op = OPS[func._schema.name.split("::", 1)[1]]
-        if op.composite:
+        if op.composite:  # explicit (implicit ones decompose above this mode)
             with self:
                 return func._op_dk(DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
         if self.name == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):

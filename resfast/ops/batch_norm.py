@@ -36,7 +36,9 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
 
 # F.batch_norm's normalisation as (mean, scale, shift, invstd), running
 # statistics updated in training: composed in C++ (csrc/composites.cpp).
-registry.define("batch_norm_affine", composite=True)
+registry.define("batch_norm_affine", composite="explicit")
+# batch_norm_affine then norm_act_conv2d, composed in C++ for autograd to see through.
+registry.define("batch_norm_act_conv2d", composite="implicit")
 
 
 def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,

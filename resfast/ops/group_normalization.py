@@ -179,7 +179,9 @@ def _(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
 # ---------------------------------------------------------------- group_norm_affine
 # GroupNorm as the fused unit's (N, C) mean, scale, shift and its (N, G) rstd:
 # composed of group_stats in C++ (csrc/composites.cpp; the CPU has one kernel).
-registry.define("group_norm_affine", composite=True)
+registry.define("group_norm_affine", composite="explicit")
+# group_norm_affine then norm_act_conv2d, composed in C++ for autograd to see through.
+registry.define("group_norm_act_conv2d", composite="implicit")
 
 
 # ---------------------------------------------------------------- entry points

@@ -12,8 +12,10 @@ declares its ops with `define` and attaches, by decorator:
   convolutions the choice among engines), which serves CUDA tensors unless a
   CUDA C++ kernel does (cuda="cpp"), and every device under
   resfast.backend("triton") (CPU tensors in the Triton interpreter).
-A composite op (composite=True: one C++ kernel for every device, written in
-terms of other ops, csrc/composites.cpp) needs none of them.
+A composite op (one C++ kernel for every device, written in terms of other
+ops, csrc/composites.cpp) needs none of them: composite="explicit" (a
+CompositeExplicitAutograd kernel, with autograd of its own) or "implicit"
+(CompositeImplicitAutograd: autograd sees its inner ops).
 
 `finalize` then checks the registry against the compiled schemas and
 kernels (an op without an entry, or an entry without its parts, fails at
@@ -39,7 +41,7 @@ CUDA_KINDS = ("triton", "cpp")
 class OpDef:
     name: str
     cuda: str = "triton"
-    composite: bool = False
+    composite: str = ""  # "", "explicit" or "implicit"
     check: Optional[Callable] = None
     fake: Optional[Callable] = None
     reference: Optional[Callable] = None
@@ -93,12 +95,17 @@ class OpDef:
 OPS: dict = {}
 
 
-def define(name: str, *, cuda: str = "triton", composite: bool = False, engines: tuple = ()) -> OpDef:
+COMPOSITE_KEYS = {"explicit": "CompositeExplicitAutograd", "implicit": "CompositeImplicitAutograd"}
+
+
+def define(name: str, *, cuda: str = "triton", composite: str = "", engines: tuple = ()) -> OpDef:
     """The registry entry of the op resfast::<name>."""
     if name in OPS:
         raise ValueError(f"op {name!r} is defined twice")
     if cuda not in CUDA_KINDS:
         raise ValueError(f"cuda: expected one of {CUDA_KINDS}, got {cuda!r}")
+    if composite and composite not in COMPOSITE_KEYS:
+        raise ValueError(f"composite: expected one of {tuple(COMPOSITE_KEYS)}, got {composite!r}")
     OPS[name] = OpDef(name, cuda, composite, engines=engines)
     return OPS[name]
 
@@ -165,7 +172,7 @@ def finalize():
     for op in OPS.values():
         problems += [f"{op.qualname}: missing {part}" for part in op.missing()]
         if op.name in schemas:
-            native = ["CompositeExplicitAutograd"] if op.composite else ["CPU"]
+            native = [COMPOSITE_KEYS[op.composite]] if op.composite else ["CPU"]
             if op.cuda == "cpp" and _C.with_cuda:
                 native.append("CUDA")
             problems += [f"{op.qualname}: no {key} kernel is compiled" for key in native if not has_kernel(op, key)]
