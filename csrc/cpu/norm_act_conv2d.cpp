@@ -16,6 +16,7 @@
 #include "../common/norm_act_math.h"
 #include "channel_loops.h"
 #include "channel_stats.h"
+#include "conv1x1.h"
 #include "conv_epilogue.h"
 #include "dispatch.h"
 #include "norm_act_passes.h"
@@ -94,9 +95,13 @@ void check_residual(const at::Tensor& residual, const at::Tensor& y) {
                    ", got ", residual.scalar_type());
 }
 
-// conv2d(act(normalised x), weight, bias), in ATen's choice of layout.
+// conv2d(act(normalised x), weight, bias), in ATen's choice of layout; 1x1
+// convolutions in chunks (conv1x1.h), the others on a full temporary.
 at::Tensor convolve(const UnitArgs& u, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  if (conv1x1_applies(u.x, weight, stride, padding, groups)) {
+    return conv1x1_forward(u.x, u.mean, u.scale, u.shift, u.activation, weight, bias);
+  }
   const at::Tensor a = normalize_activate(u, weight.scalar_type());
   return at::convolution(a, weight, bias, stride, padding, dilation, /*transposed=*/false,
                          /*output_padding=*/{0, 0}, groups);
@@ -249,33 +254,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
   check_grad_out(grad_out, u, weight);
   check_batch_invstd(u, batch_invstd);
   const auto [want_input, want_weight] = output_mask;
-  // The weight gradient needs act(z), recomputed here; the input gradient only
-  // reads the input's shape, dtype and layout, so without the weight gradient
-  // an uninitialised tensor stands in for it. One ATen call computes both.
-  const at::Tensor a =
-      want_weight ? normalize_activate(u, weight.scalar_type())
-                  : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(u.format));
-  auto [grad_a, grad_weight, unused_bias] =
-      at::convolution_backward(grad_out.contiguous(u.format), a, weight, std::nullopt, stride, padding, dilation,
-                               false, {0, 0}, groups, {want_input, want_weight, false});
-  if (want_weight) grad_weight = grad_weight.contiguous(kernel_format(weight));
-  if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
-  grad_a = grad_a.contiguous(u.format);
-
-  at::Tensor grad_x = at::empty(u.x.sizes(), u.x.options().memory_format(u.format));
+  at::Tensor grad_x, grad_weight;
+  std::vector<double> sums;  // [N][C][2]: sums of dz and dz * (x - mean)
   const Geometry g = geometry(u.x);
-  std::vector<double> sums;
-  dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {
-    using in_t = typename decltype(in_tag)::type;
-    using out_t = typename decltype(out_tag)::type;
-    using acc_t = at::opmath_type<in_t>;
-    const NormParams<acc_t> p(u.mean, u.scale, u.shift);
-    dispatch_activation(u.activation, [&](auto act) {
-      sums = sum_per_sample_channel<2>(
-          g, ActivationBackward<in_t, out_t, acc_t, decltype(act)::value>{
-                 u.x.const_data_ptr<in_t>(), grad_a.const_data_ptr<out_t>(), grad_x.data_ptr<in_t>(), p, g.c});
+  if (conv1x1_applies(u.x, weight, stride, padding, groups)) {
+    Conv1x1Grads grads = conv1x1_backward(grad_out, u.x, u.mean, u.scale, u.shift, u.activation, weight, output_mask);
+    if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grads.grad_weight};
+    grad_x = std::move(grads.grad_x);
+    grad_weight = std::move(grads.grad_weight);
+    sums = std::move(grads.sums);
+  } else {
+    // The weight gradient needs act(z), recomputed here; the input gradient only
+    // reads the input's shape, dtype and layout, so without the weight gradient
+    // an uninitialised tensor stands in for it. One ATen call computes both.
+    const at::Tensor a =
+        want_weight ? normalize_activate(u, weight.scalar_type())
+                    : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(u.format));
+    auto [grad_a, grad_w, unused_bias] =
+        at::convolution_backward(grad_out.contiguous(u.format), a, weight, std::nullopt, stride, padding, dilation,
+                                 false, {0, 0}, groups, {want_input, want_weight, false});
+    if (want_weight) grad_weight = grad_w.contiguous(kernel_format(weight));
+    if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
+    grad_a = grad_a.contiguous(u.format);
+
+    grad_x = at::empty(u.x.sizes(), u.x.options().memory_format(u.format));
+    dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {
+      using in_t = typename decltype(in_tag)::type;
+      using out_t = typename decltype(out_tag)::type;
+      using acc_t = at::opmath_type<in_t>;
+      const NormParams<acc_t> p(u.mean, u.scale, u.shift);
+      dispatch_activation(u.activation, [&](auto act) {
+        sums = sum_per_sample_channel<2>(
+            g, ActivationBackward<in_t, out_t, acc_t, decltype(act)::value>{
+                   u.x.const_data_ptr<in_t>(), grad_a.const_data_ptr<out_t>(), grad_x.data_ptr<in_t>(), p, g.c});
+      });
     });
-  });
+  }
 
   at::Tensor grad_scale = at::empty(u.scale.sizes(), u.scale.options());
   at::Tensor grad_shift = at::empty(u.scale.sizes(), u.scale.options());
