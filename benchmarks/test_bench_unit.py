@@ -3,10 +3,18 @@
 The same cases as `python -m resfast.bench --suite ops`; each case is timed for
 eager PyTorch and resfast in training and inference. Ratios worth quoting come
 from `python -m resfast.bench`, which interleaves the providers in one loop.
+`test_fixed_cost` times a unit too small for its arithmetic to matter
+(BN→ReLU→conv3x3 on 1x16x8x8): what resfast's unit costs above eager's there
+is its fixed cost per call (goal: at most 10 us).
 """
+
+import copy
 
 import pytest
 import torch
+from torch import nn
+
+import resfast
 
 from resfast.bench.cases import QUICK_OPS
 from resfast.bench.timing import keep_freed_memory, step_fn
@@ -25,6 +33,23 @@ def test_unit(benchmark, case, provider, mode):
     module = (eager if provider == "eager" else ours).train(mode == "training")
     if mode == "training":
         x = x.requires_grad_()
+    run = step_fn(module, x, mode == "training")
+    if DEVICE.type == "cuda":
+        def timed():
+            run()
+            torch.cuda.synchronize()
+        benchmark(timed)
+    else:
+        benchmark(run)
+
+
+@pytest.mark.parametrize("provider", ["eager", "resfast"])
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_fixed_cost(benchmark, provider, mode):
+    unit = resfast.nn.BNReLUConv2d(16, 16, 3, padding=1)
+    eager = nn.Sequential(copy.deepcopy(unit.bn), nn.ReLU(inplace=True), copy.deepcopy(unit.conv))
+    module = (eager if provider == "eager" else unit).to(DEVICE).train(mode == "training")
+    x = torch.randn(1, 16, 8, 8, device=DEVICE, requires_grad=mode == "training")
     run = step_fn(module, x, mode == "training")
     if DEVICE.type == "cuda":
         def timed():

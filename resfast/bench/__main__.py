@@ -4,6 +4,7 @@ on this machine's best device. Prints a table; --json writes full results."""
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 
@@ -12,7 +13,8 @@ import torch
 import resfast
 from resfast.bench.cases import QUICK_SUITES, SUITES
 from resfast.bench.roofline import measure_peaks, step_flops, step_min_bytes
-from resfast.bench.timing import TRAINING_STEP, keep_freed_memory, saved_activation_bytes, step_fn, time_interleaved
+from resfast.bench.timing import TRAINING_STEP, default_malloc, keep_freed_memory, saved_activation_bytes, step_fn, \
+    time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +33,8 @@ def parse_args(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile of the eager module")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="on the CPU, leave glibc's malloc as it is (default: keep freed memory, see the README)")
     p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
                    help="report FLOP rate and bandwidth as fractions of measured peaks (default: on for CUDA)")
     p.add_argument("--filter", metavar="TEXT", help="only the cases whose name contains TEXT")
@@ -52,6 +56,7 @@ def _compiled(eager, mode):
 
 def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
     eager, ours, x = case.build(batch, device, dtype, channels_last)
+    bare = case.bare_conv(eager)
     row = {"config": case.config(batch), "results": {}}
     x_train = x.detach().requires_grad_()
     row["saved_bytes"] = {"eager": saved_activation_bytes(eager.train(), x_train),
@@ -71,6 +76,8 @@ def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
         fns = {"eager": step_fn(eager, xin, training), "resfast": step_fn(ours, xin, training)}
         if compiled is not None:
             fns["compile"] = step_fn(compiled, xin, training)
+        if bare is not None:
+            fns["conv"] = step_fn(bare.train(training), xin, training)
         try:
             times = time_interleaved(fns, device, repeats=args.repeats)
         except Exception as e:  # noqa: BLE001  (torch.compile can fail at first call)
@@ -81,6 +88,9 @@ def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
             fns.pop("compile")
             times = time_interleaved(fns, device, repeats=args.repeats)
         entry = {"seconds": times, "speedup_vs_eager": times["eager"]["median"] / times["resfast"]["median"]}
+        if "conv" in times:
+            # The limit: the unit's convolution alone, normalisation and activation for free.
+            entry["vs_conv"] = {name: times[name]["median"] / times["conv"]["median"] for name in ("eager", "resfast")}
         if "compile" in times:
             entry["speedup_vs_compile"] = times["compile"]["median"] / times["resfast"]["median"]
         if device.type == "cuda":
@@ -121,6 +131,8 @@ def environment(device):
            "torch": torch.__version__, "resfast": resfast.__version__, "python": platform.python_version(),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "training_step": TRAINING_STEP}
+    if device.type == "cpu":
+        env.update(cores=os.cpu_count(), isa=resfast.ops.cpu_isa())
     try:
         import triton
 
@@ -131,10 +143,12 @@ def environment(device):
 
 
 def print_table(rows, env):
-    print(f"resfast {env['resfast']} | torch {env['torch']} | {env['device']} | {env['date']}")
+    machine = env["device"] + (f", {env['cores']} cores, {env['isa']}, {env['threads']} threads" if "isa" in env else "")
+    print(f"resfast {env['resfast']} | torch {env['torch']} | {machine} | {env['date']}")
     roofline = "peaks" in env
     header = f"{'case':28} {'batch':>5} {'mode':10} {'eager ms':>9} {'compile ms':>10} {'resfast ms':>10} {'vs eager':>9} " \
-             f"{'vs compile':>10} {'saved mem':>9}" + (f" {'peak MiB':>9} {'FLOP %':>7} {'BW %':>6}" if roofline else "")
+             f"{'vs compile':>10} {'saved mem':>9} {'vs conv':>11}" + \
+             (f" {'peak MiB':>9} {'FLOP %':>7} {'BW %':>6}" if roofline else "")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -144,10 +158,15 @@ def print_table(rows, env):
             vs_comp = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'n/a':>10}"
             print(f"{row['config']['case']:28} {row['config']['batch']:5} {mode:10} {s['eager']['median'] * 1e3:9.2f} {comp} "
                   f"{s['resfast']['median'] * 1e3:10.2f} {r['speedup_vs_eager']:8.2f}x {vs_comp} "
-                  f"{row['saved_ratio']:8.2f}x" + (_roofline_columns(r) if roofline else ""))
+                  f"{row['saved_ratio']:8.2f}x {_vs_conv(r):>11}" + (_roofline_columns(r) if roofline else ""))
     errors = {row["compile_error"] for row in rows if row["compile_error"]}
     for e in errors:
         print(f"torch.compile not timed: {e}")
+
+
+def _vs_conv(r):
+    """resfast / eager time over the bare convolution's, for unit cases."""
+    return f"{r['vs_conv']['resfast']:.2f}/{r['vs_conv']['eager']:.2f}" if "vs_conv" in r else "n/a"
 
 
 def _roofline_columns(r):
@@ -186,7 +205,7 @@ def main(argv=None):
         sys.exit(f"resfast-bench: no case matches --filter {args.filter!r}")
     env = environment(device)
     if device.type == "cpu":
-        env["malloc"] = keep_freed_memory()
+        env["malloc"] = default_malloc() if args.default_malloc else keep_freed_memory()
     peaks = None
     if device.type == "cuda" if args.roofline is None else args.roofline:
         # Smaller probes on a CPU, where an 8192^3 matmul takes seconds.

@@ -33,6 +33,11 @@ class _Case:
     # Batch sizes by device; a whole ResNet-200 step takes seconds on a CPU.
     batch = {"cuda": 32, "cpu": 8, "quick": 2}
 
+    def bare_conv(self, eager):
+        """The unit's convolution alone (its input as the unit's), for the
+        limit a unit can reach; None for cases that are not one unit."""
+        return None
+
     def default_batch(self, device_type, quick):
         return self.batch["quick" if quick else device_type]
 
@@ -57,6 +62,9 @@ class UnitCase(_Case):
         eager = nn.Sequential(copy.deepcopy(unit.bn), nn.ReLU(inplace=True), copy.deepcopy(unit.conv))
         x = torch.randn(batch, self.in_channels, self.size, self.size)
         return _place(eager, unit, x, device, dtype, channels_last)
+
+    def bare_conv(self, eager):
+        return copy.deepcopy(eager[2])
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,9 @@ class GNActConvCase(_Case):
         eager[2].load_state_dict(unit.conv.state_dict())
         x = torch.randn(batch, self.in_channels, self.size, self.size)
         return _place(eager, unit, x, device, dtype, channels_last or self.channels_last)
+
+    def bare_conv(self, eager):
+        return copy.deepcopy(eager[2])
 
 
 # GroupNorm at U-Net / diffusion shapes (32 groups), both memory formats.

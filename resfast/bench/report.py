@@ -22,19 +22,26 @@ def _roofline_cells(r):
     return f" {peak} | {100 * r['flop_fraction']:.1f}% | {100 * r['bandwidth_fraction']:.1f}% |"
 
 
+def _vs_conv_cell(r):
+    return f" {r['vs_conv']['resfast']:.2f} / {r['vs_conv']['eager']:.2f} |" if "vs_conv" in r else " n/a |"
+
+
 def table(result, source):
     env = result["environment"]
     roofline = "peaks" in env
     extra_head = " peak MiB | FLOP rate / peak | min. traffic / copy bandwidth |" if roofline else ""
+    machine = f"{env['device']}" + (f", {env['cores']} cores, {env['isa']}" if "isa" in env else "")
+    vs_conv = any("vs_conv" in r for row in result["cases"] for r in row["results"].values())
     lines = [
-        f"**{env['device']}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
+        f"**{machine}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
         f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date'][:10]} "
         f"(`{source}`); training step: {env.get('training_step', _SUM_STEP)}"
         + (f"; {env['malloc']}" if env.get("malloc") else ""),
         "",
         "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |"
-        + extra_head,
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if roofline else ""),
+        + (" resfast / eager time over the bare conv's |" if vs_conv else "") + extra_head,
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if vs_conv else "") +
+        ("---:|---:|---:|" if roofline else ""),
     ]
     for row in result["cases"]:
         for mode, r in row["results"].items():
@@ -42,7 +49,8 @@ def table(result, source):
             vs_compile = f"{r['speedup_vs_compile']:.2f}x" if "speedup_vs_compile" in r else "n/a"
             lines.append(f"| {row['config']['case']} | {row['config']['batch']} | {mode} | {_ms(t, 'eager')} | "
                          f"{_ms(t, 'compile')} | {_ms(t, 'resfast')} | {r['speedup_vs_eager']:.2f}x | {vs_compile} | "
-                         f"{row['saved_ratio']:.2f}x |" + (_roofline_cells(r) if roofline else ""))
+                         f"{row['saved_ratio']:.2f}x |" + (_vs_conv_cell(r) if vs_conv else "")
+                         + (_roofline_cells(r) if roofline else ""))
     return "\n".join(lines)
 
 

@@ -7,6 +7,11 @@ import time
 import torch
 
 
+def default_malloc():
+    """glibc's malloc left as a user's process has it (see keep_freed_memory)."""
+    return "glibc malloc defaults (large blocks mapped and unmapped per allocation)"
+
+
 def keep_freed_memory():
     """Make glibc's malloc serve every allocation from its heap and keep what
     is freed, instead of mapping large blocks anew for each allocation and
@@ -43,15 +48,22 @@ def _timer(device):
     return measure
 
 
-def time_interleaved(fns: dict, device, warmup=2, repeats=10):
+def time_interleaved(fns: dict, device, warmup=2, repeats=10, warmup_seconds=0.3):
     """Seconds per call of each fn: {name: {"median", "q25", "q75", "runs"}}.
 
-    Each repeat runs every fn once in turn, so drift in machine load hits all
-    of them alike and their ratios stay meaningful."""
+    Each fn first runs `warmup` times and for at least `warmup_seconds`
+    (first calls allocate, build oneDNN primitives and fault pages in: a
+    first case measured its first calls otherwise). Then each repeat runs
+    every fn once in turn, so drift in machine load hits all of them alike
+    and their ratios stay meaningful."""
     measure = _timer(device)
-    for _ in range(warmup):
-        for fn in fns.values():
+    for name, fn in fns.items():
+        start, runs = time.perf_counter(), 0
+        while runs < warmup or time.perf_counter() - start < warmup_seconds:
             fn()
+            runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
