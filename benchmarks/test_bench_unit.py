@@ -25,14 +25,8 @@ if DEVICE.type == "cpu":
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
-@pytest.mark.parametrize("case", QUICK_OPS, ids=[c.name for c in QUICK_OPS])
-@pytest.mark.parametrize("provider", ["eager", "resfast"])
-@pytest.mark.parametrize("mode", ["training", "inference"])
-def test_unit(benchmark, case, provider, mode):
-    eager, ours, x = case.build(2, DEVICE, DTYPE, channels_last=DEVICE.type == "cuda")
-    module = (eager if provider == "eager" else ours).train(mode == "training")
-    if mode == "training":
-        x = x.requires_grad_()
+def _time_steps(benchmark, module, x, mode):
+    """benchmark() of one step of module on x, the GPU synchronised."""
     run = step_fn(module, x, mode == "training")
     if DEVICE.type == "cuda":
         def timed():
@@ -41,6 +35,17 @@ def test_unit(benchmark, case, provider, mode):
         benchmark(timed)
     else:
         benchmark(run)
+
+
+@pytest.mark.parametrize("case", QUICK_OPS, ids=[c.name for c in QUICK_OPS])
+@pytest.mark.parametrize("provider", ["eager", "resfast"])
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_unit(benchmark, case, provider, mode):
+    eager, ours, x = case.build(2, DEVICE, DTYPE, channels_last=DEVICE.type == "cuda")
+    module = (eager if provider == "eager" else ours).train(mode == "training")
+    if mode == "training":
+        x = x.requires_grad_()
+    _time_steps(benchmark, module, x, mode)
 
 
 @pytest.mark.parametrize("provider", ["eager", "resfast"])
@@ -50,11 +55,4 @@ def test_fixed_cost(benchmark, provider, mode):
     eager = nn.Sequential(copy.deepcopy(unit.bn), nn.ReLU(inplace=True), copy.deepcopy(unit.conv))
     module = (eager if provider == "eager" else unit).to(DEVICE).train(mode == "training")
     x = torch.randn(1, 16, 8, 8, device=DEVICE, requires_grad=mode == "training")
-    run = step_fn(module, x, mode == "training")
-    if DEVICE.type == "cuda":
-        def timed():
-            run()
-            torch.cuda.synchronize()
-        benchmark(timed)
-    else:
-        benchmark(run)
+    _time_steps(benchmark, module, x, mode)

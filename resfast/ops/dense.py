@@ -67,6 +67,17 @@ def _conv_args(conv):
     return conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["activation"]
 
 
+def _normalisation(x, running_mean, running_var, weight, eps, batch_stats=None):
+    """BatchNorm's (mean, scale = weight / sqrt(var + eps)) for x: from
+    batch_stats (mean, var) when given, else from the running statistics. One
+    op (batch_norm_affine) instead of four tensor calls per norm."""
+    if batch_stats is None:
+        mean, scale, _, _ = ops.batch_norm_affine(x, running_mean, running_var, weight, None, False, 0.0, eps)
+    else:
+        mean, scale, _, _ = ops.batch_norm_affine(x, None, None, weight, None, True, 0.0, eps, *batch_stats)
+    return mean, scale
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_layers, use_batch_stats, eps1, eps2, drop_rate, training, sync, *flat):
@@ -99,23 +110,19 @@ class _DenseBlockFunction(torch.autograd.Function):
         bottlenecks, noises = [], []
         for i, p in enumerate(layers):
             c_in = c0 + i * growth
-            if use_batch_stats:
-                mean1 = mean_all[:c_in]
-                scale1 = p.norm1_weight * torch.rsqrt(var_all[:c_in] + eps1[i])
-            else:
-                mean1 = p.norm1_running_mean.to(acc)
-                scale1 = p.norm1_weight * torch.rsqrt(p.norm1_running_var.to(acc) + eps1[i])
-            bott_args = (buf[:, :c_in], mean1, scale1, p.norm1_bias, p.conv1_weight, None, None,
-                         *_conv_args(_CONV1), None)
+            features = buf[:, :c_in]
+            batch1 = (mean_all[:c_in], var_all[:c_in]) if use_batch_stats else None
+            mean1, scale1 = _normalisation(features, p.norm1_running_mean, p.norm1_running_var, p.norm1_weight,
+                                           eps1[i], batch1)
+            bott_args = (features, mean1, scale1, p.norm1_bias, p.conv1_weight, None, None, *_conv_args(_CONV1), None)
             if use_batch_stats:
                 bott, m2, v2 = ops.norm_act_conv2d_stats(*bott_args)
                 m2, v2 = shared((m2, v2))
                 bott_mean[i], bott_var[i] = m2, v2
-                scale2 = p.norm2_weight * torch.rsqrt(v2 + eps2[i])
             else:
                 bott = ops.norm_act_conv2d(*bott_args)
-                m2 = p.norm2_running_mean.to(acc)
-                scale2 = p.norm2_weight * torch.rsqrt(p.norm2_running_var.to(acc) + eps2[i])
+            m2, scale2 = _normalisation(bott, p.norm2_running_mean, p.norm2_running_var, p.norm2_weight, eps2[i],
+                                        (m2, v2) if use_batch_stats else None)
             mi, vi = ops.norm_act_conv2d_into(bott, m2, scale2, p.norm2_bias, p.conv2_weight, None, None,
                                               *_conv_args(_CONV2), buf, c_in, use_batch_stats and not drop)
             if drop:
