@@ -25,16 +25,20 @@ if DEVICE.type == "cpu":
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
-def _time_steps(benchmark, module, x, mode):
-    """benchmark() of one step of module on x, the GPU synchronised."""
+def _time_steps(benchmark, module, x, mode, rounds=None):
+    """benchmark() of one step of module on x, the GPU synchronised; with
+    `rounds`, that many after as many warm-up rounds (pytest-benchmark's own
+    calibration times the first, slow calls and can settle on 5 rounds)."""
     run = step_fn(module, x, mode == "training")
-    if DEVICE.type == "cuda":
-        def timed():
-            run()
+
+    def timed():
+        run()
+        if DEVICE.type == "cuda":
             torch.cuda.synchronize()
+    if rounds is None:
         benchmark(timed)
     else:
-        benchmark(run)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=rounds)
 
 
 @pytest.mark.parametrize("case", QUICK_OPS, ids=[c.name for c in QUICK_OPS])
@@ -55,4 +59,4 @@ def test_fixed_cost(benchmark, provider, mode):
     eager = nn.Sequential(copy.deepcopy(unit.bn), nn.ReLU(inplace=True), copy.deepcopy(unit.conv))
     module = (eager if provider == "eager" else unit).to(DEVICE).train(mode == "training")
     x = torch.randn(1, 16, 8, 8, device=DEVICE, requires_grad=mode == "training")
-    _time_steps(benchmark, module, x, mode)
+    _time_steps(benchmark, module, x, mode, rounds=2000)
