@@ -2,11 +2,17 @@
 README's measured section rebuilt from them (never edited by hand):
 
     python -m resfast.bench.report benchmarks/results/*.json --readme README.md
+
+and several runs of one suite merged into their medians:
+
+    python -m resfast.bench.report run1.json run2.json run3.json --merge out.json
 """
 
 import argparse
+import copy
 import json
 import re
+import statistics
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # What results written before the step was recorded back-propagated.
@@ -36,7 +42,8 @@ def table(result, source):
         f"**{machine}**, {env['dtype']}, {'channels_last' if env['channels_last'] else 'NCHW'}, "
         f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date'][:10]} "
         f"(`{source}`); training step: {env.get('training_step', _SUM_STEP)}"
-        + (f"; {env['malloc']}" if env.get("malloc") else ""),
+        + (f"; {env['malloc']}" if env.get("malloc") else "")
+        + (f"; median of {len(env['runs'])} runs" if env.get("runs") else ""),
         "",
         "| case | batch | mode | eager ms | torch.compile ms | resfast ms | vs eager | vs compile | saved activations vs eager |"
         + (" resfast / eager time over the bare conv's |" if vs_conv else "") + extra_head,
@@ -54,11 +61,42 @@ def table(result, source):
     return "\n".join(lines)
 
 
+def merge(results):
+    """Runs of the same cases merged: per case and mode, each provider's
+    median time and each ratio the median of the runs' ratios (each run's
+    ratio comes from interleaved timings, so it is the steadier quantity)."""
+    merged = copy.deepcopy(results[0])
+    for i, row in enumerate(merged["cases"]):
+        rows = [r["cases"][i] for r in results]
+        if any(r["config"] != row["config"] for r in rows):
+            raise SystemExit(f"--merge: the runs differ in case {i} ({row['config']['case']})")
+        for mode, entry in row["results"].items():
+            entries = [r["results"][mode] for r in rows]
+            for name, t in entry["seconds"].items():
+                t["median"] = statistics.median(e["seconds"][name]["median"] for e in entries)
+            for key in ("speedup_vs_eager", "speedup_vs_compile"):
+                if key in entry:
+                    entry[key] = statistics.median(e[key] for e in entries)
+            if "vs_conv" in entry:
+                entry["vs_conv"] = {k: statistics.median(e["vs_conv"][k] for e in entries) for k in entry["vs_conv"]}
+    merged["environment"]["runs"] = [r["environment"]["date"] for r in results]
+    return merged
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("results", nargs="+")
     p.add_argument("--readme", help="replace the README section between the bench markers")
+    p.add_argument("--merge", metavar="OUT", help="write the results' medians (runs of one suite) to OUT instead")
     args = p.parse_args(argv)
+    if args.merge:
+        runs = []
+        for path in args.results:
+            with open(path) as f:
+                runs.append(json.load(f))
+        with open(args.merge, "w") as f:
+            json.dump(merge(runs), f, indent=1)
+        return
     tables = []
     for path in args.results:
         with open(path) as f:
