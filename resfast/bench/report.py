@@ -13,6 +13,7 @@ import copy
 import json
 import re
 import statistics
+import sys
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # What results written before the step was recorded back-propagated.
@@ -97,10 +98,17 @@ def main(argv=None):
         with open(args.merge, "w") as f:
             json.dump(merge(runs), f, indent=1)
         return
-    tables = []
+    results = []
     for path in args.results:
         with open(path) as f:
-            tables.append(table(json.load(f), path))
+            result = json.load(f)
+        if "cases" not in result:  # another benchmark's JSON (benchmarks/results holds several kinds)
+            print(f"resfast.bench.report: {path}: not a resfast.bench result, skipped", file=sys.stderr)
+            continue
+        results.append((result, path))
+    # Newest first; each run (machine, day) keeps its own table.
+    results.sort(key=lambda r: r[0]["environment"]["date"], reverse=True)
+    tables = [table(result, path) for result, path in results]
     text = ("Medians of interleaved runs; speedups are eager (or compiled) time over resfast time. "
             "Saved activations: bytes kept for backward by one training forward (docs/DESIGN.md §5).\n\n"
             + "\n\n".join(tables))
