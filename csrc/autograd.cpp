@@ -19,14 +19,23 @@ using torch::autograd::AutogradContext;
 using torch::autograd::compute_requires_grad;
 using torch::autograd::variable_list;
 
+// Whether any tensor argument carries a forward-mode gradient (dual tensor).
+bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_forward_grad(const std::optional<at::Tensor>& t) { return t.has_value() && has_forward_grad(*t); }
+template <typename... Tensors>
+bool any_forward_grad(const Tensors&... ts) {
+  return (has_forward_grad(ts) || ...);
+}
+
 // Function::apply builds its context (saved tensors and arguments) even when
 // nothing will be differentiated: several microseconds a call, more than a
 // small unit's normalisation. Without a gradient to record (grad mode off,
-// or no input requiring one), each kernel below calls its op directly.
-#define RESFAST_UNRECORDED(call, ...)                                   \
-  if (!compute_requires_grad(__VA_ARGS__)) {                            \
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;          \
-    return call;                                                        \
+// or no input requiring one) and no forward-mode gradient (which apply
+// rejects, as it should), each kernel below calls its op directly.
+#define RESFAST_UNRECORDED(call, ...)                                              \
+  if (!compute_requires_grad(__VA_ARGS__) && !any_forward_grad(__VA_ARGS__)) {     \
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;                     \
+    return call;                                                                   \
   }
 
 // What the unit's backward needs: x, the per-channel vectors and the weight

@@ -68,8 +68,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine(
   return {std::move(mean), std::move(scale), std::move(shift), std::move(invstd)};
 }
 
-// The unit from a BatchNorm's arguments; the convolution's are checked first,
-// as the Python entry point does.
+// The unit's own arguments (convolution, activation, bias and residual
+// devices), checked before the normalisation runs, as the Python entry points
+// do: a bad one must fail before the running statistics are updated, and a
+// residual on another device would otherwise send the call to that device's
+// kernel.
+void check_unit_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                     c10::IntArrayRef dilation, int64_t groups, c10::string_view activation) {
+  check_activation_input(x, "x");
+  check_conv_args(x, weight, stride, padding, dilation, groups);
+  parse_activation(activation);
+  if (bias.has_value()) check_same_device(x, *bias, "bias");
+  if (residual.has_value()) check_same_device(x, *residual, "residual");
+}
+
+// The unit from a BatchNorm's arguments.
 at::Tensor batch_norm_act_conv2d(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
                                  const std::optional<at::Tensor>& running_var,
                                  const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
@@ -79,8 +93,7 @@ at::Tensor batch_norm_act_conv2d(const at::Tensor& x, const std::optional<at::Te
                                  int64_t groups, c10::string_view activation,
                                  const std::optional<at::Tensor>& batch_mean,
                                  const std::optional<at::Tensor>& batch_var) {
-  check_activation_input(x, "x");
-  check_conv_args(x, weight, stride, padding, dilation, groups);
+  check_unit_args(x, weight, bias, residual, stride, padding, dilation, groups, activation);
   auto [mean, scale, shift, invstd] = ops::batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias,
                                                              training, momentum, eps, batch_mean, batch_var);
   return ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
@@ -92,8 +105,7 @@ at::Tensor group_norm_act_conv2d(const at::Tensor& x, int64_t num_groups, const 
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                  int64_t groups, c10::string_view activation) {
-  check_activation_input(x, "x");
-  check_conv_args(x, weight, stride, padding, dilation, groups);
+  check_unit_args(x, weight, bias, residual, stride, padding, dilation, groups, activation);
   auto [mean, scale, shift, rstd] = ops::group_norm_affine(x, num_groups, norm_weight, norm_bias, eps);
   return ops::norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
                               activation, rstd);

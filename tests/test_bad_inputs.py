@@ -93,6 +93,33 @@ def test_registered_ops_reject_bad_arguments():
         op(x, v, v, v, w, None, None, *conv, "relu", torch.ones(3))
 
 
+def test_unit_ops_check_before_touching_running_statistics():
+    """batch_norm_act_conv2d (what the modules call) rejects a bad activation
+    or a residual on another device before BatchNorm updates its buffers."""
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    op = torch.ops.resfast.batch_norm_act_conv2d
+    with pytest.raises(ValueError, match="activation: expected"):
+        op(x, running_mean, running_var, None, None, True, 0.1, 1e-5, w, None, None, *conv, "gelu")
+    with pytest.raises(ValueError, match="residual: expected a tensor on cpu like x, got one on meta"):
+        op(x, running_mean, running_var, None, None, True, 0.1, 1e-5, w, None, torch.randn(2, 6, 5, 5, device="meta"),
+           *conv, "relu")
+    assert torch.equal(running_mean, torch.zeros(4)) and torch.equal(running_var, torch.ones(4))
+
+
+def test_forward_mode_ad_is_refused():
+    """The autograd kernels' shortcut (no input requiring grad) must not drop
+    a dual tensor's tangent: forward-mode AD is not supported, and says so."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, v = torch.randn(2, 4, 5, 5), torch.rand(4) + 0.5
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            torch.ops.resfast.norm_act_conv2d(dual, v, v, v, torch.randn(6, 4, 3, 3), None, None, [1, 1], [1, 1],
+                                              [1, 1], 1, "relu", None)
+
 def test_backend_switch_rejects():
     with pytest.raises(ValueError, match="backend: expected one of"):
         with resfast.backend("mps"):

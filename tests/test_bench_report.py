@@ -19,7 +19,7 @@ def test_merge_takes_medians_of_times_and_ratios():
     runs = [_run("d1", 3.0, 2.0, 1.0), _run("d2", 1.0, 2.0, 2.0), _run("d3", 2.0, 4.0, 4.0)]
     merged = report.merge(runs)
     entry = merged["cases"][0]["results"]["inference"]
-    assert entry["seconds"]["eager"]["median"] == 2.0
+    assert entry["seconds"]["eager"] == {"median": 2.0, "run_medians": [3.0, 1.0, 2.0]}
     assert entry["seconds"]["resfast"]["median"] == 2.0
     # The median of the runs' ratios (1.5, 0.5, 0.5), not a ratio of medians (1.0).
     assert entry["speedup_vs_eager"] == 0.5
@@ -29,6 +29,14 @@ def test_merge_takes_medians_of_times_and_ratios():
     assert "median of 3 runs" in report.table(merged, "merged.json")
 
 
-def test_merge_rejects_runs_of_different_cases():
-    with pytest.raises(SystemExit, match="differ in case 0"):
+def test_merge_rejects_runs_that_differ():
+    with pytest.raises(SystemExit, match="differ in their cases"):
         report.merge([_run("d1", 1.0, 1.0, 1.0), _run("d2", 1.0, 1.0, 1.0, case="other")])
+    other_machine = _run("d2", 1.0, 1.0, 1.0)
+    other_machine["environment"]["threads"] = 4
+    with pytest.raises(SystemExit, match="differ in threads"):
+        report.merge([_run("d1", 1.0, 1.0, 1.0), other_machine])
+    fewer_modes = _run("d2", 1.0, 1.0, 1.0)
+    fewer_modes["cases"][0]["results"]["training"] = fewer_modes["cases"][0]["results"]["inference"]
+    with pytest.raises(SystemExit, match="differ in the modes"):
+        report.merge([_run("d1", 1.0, 1.0, 1.0), fewer_modes])

@@ -86,6 +86,7 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& weight)
                     ",), got ", bias->sizes());
   TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "bias: expected dtype ", weight.scalar_type(),
                    ", got ", bias->scalar_type());
+  check_same_device(weight, *bias, "bias");
 }
 
 void check_residual(const at::Tensor& residual, const at::Tensor& y) {
@@ -93,6 +94,7 @@ void check_residual(const at::Tensor& residual, const at::Tensor& y) {
                     residual.sizes());
   TORCH_CHECK_TYPE(residual.scalar_type() == y.scalar_type(), "residual: expected dtype ", y.scalar_type(),
                    ", got ", residual.scalar_type());
+  check_same_device(y, residual, "residual");
 }
 
 // conv2d(act(normalised x), weight, bias), in ATen's choice of layout; 1x1

@@ -63,23 +63,35 @@ def table(result, source):
 
 
 def merge(results):
-    """Runs of the same cases merged: per case and mode, each provider's
-    median time and each ratio the median of the runs' ratios (each run's
-    ratio comes from interleaved timings, so it is the steadier quantity)."""
-    merged = copy.deepcopy(results[0])
+    """Runs of the same suite on one machine merged: per case and mode, each
+    provider's median time (the runs' medians in `run_medians`; quartiles of
+    one run would not describe the merge, so none are kept) and every other
+    number the median of the runs' values (each run's ratios come from
+    interleaved timings, so they are the steadier quantity)."""
+    first = results[0]
+    for r in results[1:]:
+        for key in ("device", "dtype", "channels_last", "threads", "torch"):
+            if r["environment"].get(key) != first["environment"].get(key):
+                raise SystemExit(f"--merge: the runs differ in {key}: {first['environment'].get(key)!r} and "
+                                 f"{r['environment'].get(key)!r}")
+        if [c["config"] for c in r["cases"]] != [c["config"] for c in first["cases"]]:
+            raise SystemExit("--merge: the runs differ in their cases")
+        if [sorted(c["results"]) for c in r["cases"]] != [sorted(c["results"]) for c in first["cases"]]:
+            raise SystemExit("--merge: the runs differ in the modes they measured")
+    merged = copy.deepcopy(first)
     for i, row in enumerate(merged["cases"]):
         rows = [r["cases"][i] for r in results]
-        if any(r["config"] != row["config"] for r in rows):
-            raise SystemExit(f"--merge: the runs differ in case {i} ({row['config']['case']})")
+        row["saved_ratio"] = statistics.median(r["saved_ratio"] for r in rows)
         for mode, entry in row["results"].items():
             entries = [r["results"][mode] for r in rows]
-            for name, t in entry["seconds"].items():
-                t["median"] = statistics.median(e["seconds"][name]["median"] for e in entries)
-            for key in ("speedup_vs_eager", "speedup_vs_compile"):
-                if key in entry:
+            for name in entry["seconds"]:
+                medians = [e["seconds"][name]["median"] for e in entries]
+                entry["seconds"][name] = {"median": statistics.median(medians), "run_medians": medians}
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     entry[key] = statistics.median(e[key] for e in entries)
-            if "vs_conv" in entry:
-                entry["vs_conv"] = {k: statistics.median(e["vs_conv"][k] for e in entries) for k in entry["vs_conv"]}
+                elif key == "vs_conv":
+                    entry[key] = {k: statistics.median(e[key][k] for e in entries) for k in value}
     merged["environment"]["runs"] = [r["environment"]["date"] for r in results]
     return merged
 
