@@ -93,6 +93,32 @@ def test_matches_reference(name, index, backend, device, poison_empty):
         assert_close(a, e, torch.float32, what)
 
 
+def _composite_cases():
+    """Composite ops' samples on every backend, the reference one included."""
+    cases = []
+    for name in sorted(n for n in OPS.keys() & SAMPLES.keys() if OPS[n].composite):
+        for i, sample in enumerate(SAMPLES[name](torch.float32, "cpu")):
+            cases += [pytest.param(name, i, b, d, id=f"{name}-{sample.name}-{b}-{d}")
+                      for b, d in [("reference", "cpu")] + _backends(OPS[name])]
+    return cases
+
+
+@pytest.mark.parametrize("name,index,backend,device", _composite_cases())
+def test_composites_under_inference_mode(name, index, backend, device):
+    """Without autograd (inference mode) the backend switch sees composite
+    ops themselves, implicit ones included, and must run them with their
+    inner ops switched."""
+    op = OPS[name]
+    sample = SAMPLES[name](torch.float32, device)[index]
+    expected = _run(op, [_double(a) for a in sample.args], "reference")
+    with torch.inference_mode():
+        actual = _run(op, sample.args, backend)
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if e is not None:
+            assert_close(a, e, torch.float32, f"{name} output {i}")
+
+
 def _grad_args(sample):
     """Indices of the float tensors gradcheck differentiates."""
     indices = sample.grad_args if sample.grad_args is not None else range(len(sample.args))

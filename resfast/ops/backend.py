@@ -22,7 +22,7 @@ import torch
 from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from resfast.ops.registry import OPS
+from resfast.ops.registry import COMPOSITE_KEYS, OPS
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -37,9 +37,12 @@ class _BackendMode(TorchDispatchMode):
         if func.namespace != "resfast":
             return func(*args, **kwargs)
         op = OPS[func._schema.name.split("::", 1)[1]]
-        if op.composite:  # explicit (implicit ones decompose above this mode)
+        if op.composite:
+            # Re-entered with the inner ops switched. Implicit composites
+            # reach this mode only without autograd (inference mode).
+            key = getattr(DispatchKey, COMPOSITE_KEYS[op.composite])
             with self:
-                return func._op_dk(DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+                return func._op_dk(key, *args, **kwargs)
         if self.name == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
             if os.environ.get("TRITON_INTERPRET") != "1":
                 raise RuntimeError("resfast.backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before "
