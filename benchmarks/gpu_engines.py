@@ -68,15 +68,7 @@ def rel_error(a, b):
 
 
 def time_cuda(fn, repeats):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats / 1e3
+    return selection.cuda_seconds(fn, repeats, warmup=3)
 
 
 def eager_unit(x, affine, w, conv, norm):

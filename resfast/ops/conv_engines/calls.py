@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from resfast.ops.checks import TRITON_DTYPES
 from resfast.ops.layout import conv_output_size, kernel_format
 
 
@@ -96,3 +97,11 @@ def key(call) -> str:
             parts.append("batch-stats")
     parts.append(_device(x))
     return "-".join(parts)
+
+
+def unsupported_by_triton(call):
+    """Why Triton kernels cannot take the call (its dtypes), or None: the rule
+    of every engine that launches them."""
+    if call.x.dtype not in TRITON_DTYPES or call.weight.dtype not in TRITON_DTYPES:
+        return f"dtype {call.x.dtype}"
+    return None

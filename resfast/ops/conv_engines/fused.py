@@ -7,7 +7,7 @@ cuDNN cannot express (SiLU, GroupNorm parameters)."""
 
 import torch
 
-from resfast.ops.checks import TRITON_DTYPES
+from resfast.ops.conv_engines import calls
 from resfast.ops.layout import kernel_format
 
 ops = torch.ops.resfast
@@ -22,11 +22,8 @@ def _conv():
     return conv
 
 
-def unsupported(call):
-    """Why the engine cannot run the call, or None."""
-    if call.x.dtype not in TRITON_DTYPES or call.weight.dtype not in TRITON_DTYPES:
-        return f"dtype {call.x.dtype}"
-    return None
+# Why the engine cannot run a call, or None.
+unsupported = calls.unsupported_by_triton
 
 
 def _per_sample(call):

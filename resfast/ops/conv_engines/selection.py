@@ -91,15 +91,18 @@ def _requested():
     return name
 
 
-def _cuda_timer(fn):
-    fn()
+def cuda_seconds(fn, repeats=REPEATS, warmup=1):
+    """Mean seconds per call of fn on the current CUDA stream, after `warmup`
+    calls (CUDA events around `repeats` calls, one synchronisation)."""
+    for _ in range(warmup):
+        fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / REPEATS / 1e3
+    return start.elapsed_time(end) / repeats / 1e3
 
 
 def _measurable_timer(call):
@@ -111,7 +114,7 @@ def _measurable_timer(call):
     if _timer is not None:
         return _timer
     if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        return _cuda_timer
+        return cuda_seconds
     return None
 
 

@@ -11,7 +11,7 @@ gradient (with the statistics' share folded in)."""
 
 import torch
 
-from resfast.ops.checks import TRITON_DTYPES
+from resfast.ops.conv_engines import calls
 from resfast.ops.layout import kernel_format
 
 ops = torch.ops.resfast
@@ -26,11 +26,8 @@ def _pointwise():
     return pointwise
 
 
-def unsupported(call):
-    """Why the engine cannot run the call, or None."""
-    if call.x.dtype not in TRITON_DTYPES or call.weight.dtype not in TRITON_DTYPES:
-        return f"dtype {call.x.dtype}"
-    return None
+# Why the engine cannot run a call, or None.
+unsupported = calls.unsupported_by_triton
 
 
 def _activated(call, x):
