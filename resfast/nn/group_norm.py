@@ -8,7 +8,7 @@ from resfast import ops
 from resfast.activations import check_activation
 from resfast.nn.batch_norm import direct
 from resfast.nn.norm_act_conv import NormActConvUnit
-from resfast.nn.norm_conv import conv_arguments
+from resfast.nn.norm_conv import conv_arguments, norm_conv
 
 
 class GroupNorm(nn.GroupNorm):
@@ -67,5 +67,4 @@ class GNActConv2d(NormActConvUnit):
                                                            conv.weight, conv.bias, residual, *conv_arguments(conv),
                                                            self.activation)
         affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        return ops.affine_act_conv2d(x, affine, conv.weight, conv.bias, residual, conv.stride, self._padding,
-                                     conv.dilation, conv.groups, self.activation)
+        return norm_conv(x, affine, conv, residual, self.activation)

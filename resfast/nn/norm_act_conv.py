@@ -35,7 +35,7 @@ class NormActConvUnit(nn.Module):
         setattr(self, self.norm_attr, norm)
         self.conv = conv
         self.activation = activation
-        self._padding = ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+        ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)  # rejects an asymmetric 'same' now
 
     @classmethod
     def from_modules(cls, norm: nn.Module, conv: nn.Conv2d, activation: str | None = None):
