@@ -14,7 +14,7 @@ setup is ignored (with a warning) and rewritten.
 
 Only CUDA calls outside graph capture and tracing are measured; others take
 a decision already made, else the split engine. RESFAST_CONV_IMPL
-(split|cudnn|triton|auto) or `conv_impl(name)` force one engine; under
+(split|triton|auto) or `conv_impl(name)` force one engine; under
 torch.use_deterministic_algorithms(True) only deterministic engines are
 considered. `conv_choices()` shows every decision with its timings.
 """
@@ -55,7 +55,7 @@ _loaded = False
 @contextlib.contextmanager
 def conv_impl(name: str):
     """Run the fused convolutions inside the block with the named engine
-    ("split", "triton", "cudnn"), or let the measurement choose ("auto")."""
+    ("split", "triton"), or let the measurement choose ("auto")."""
     global _forced
     if name not in NAMES:
         raise ValueError(f"conv_impl: expected one of {', '.join(map(repr, NAMES))}, got {name!r}")
