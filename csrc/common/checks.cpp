@@ -7,6 +7,13 @@
 #include "layout.h"
 
 namespace resfast {
+namespace {
+
+void check_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+}
+
+}  // namespace
 
 Activation parse_activation(c10::string_view activation) {
   if (activation == "identity") return Activation::Identity;
@@ -40,7 +47,7 @@ void check_batch_norm_args(const at::Tensor& x, const std::optional<at::Tensor>&
                            const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& bn_weight,
                            const std::optional<at::Tensor>& bn_bias, bool training, double momentum, double eps) {
   check_activation_input(x, "x");
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  check_eps(eps);
   if (training && running_mean.has_value()) {
     TORCH_CHECK_VALUE(std::isfinite(momentum), "momentum: expected a finite number, got ", momentum);
   }
@@ -100,19 +107,17 @@ void check_group_norm_affine(const at::Tensor& x, const std::optional<at::Tensor
   const std::pair<const std::optional<at::Tensor>*, const char*> vectors[] = {{&weight, "weight"}, {&bias, "bias"}};
   for (const auto& [t, name] : vectors) {
     if (!t->has_value()) continue;
-    const at::Tensor& v = **t;
-    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(1), name, ": expected shape (", x.size(1),
-                      ",) for input of shape ", x.sizes(), ", got ", v.sizes());
-    TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type() || v.scalar_type() == acc, name, ": expected dtype ",
-                     x.scalar_type(), " or ", acc, ", got ", v.scalar_type());
-    check_same_device(x, v, name);
+    check_channel_vector(x, *t, name);
+    const auto dtype = (*t)->scalar_type();
+    TORCH_CHECK_TYPE(dtype == x.scalar_type() || dtype == acc, name, ": expected dtype ", x.scalar_type(), " or ",
+                     acc, ", got ", dtype);
   }
 }
 
 void check_group_norm_params(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias, double eps) {
   check_group_norm_affine(x, weight, bias);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
+  check_eps(eps);
 }
 
 void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
