@@ -1,0 +1,364 @@
+"""Norm → activation → conv chains found by tracing a module's forward with
+torch.fx, and fused in a forward generated from that trace.
+
+A module's forward is traced with plain nn.Sequentials followed into (a chain
+may span nested ones, as torchvision's Conv2dNormActivation stacks do) and
+every other submodule kept as one call. A chain is a normalisation whose
+output reaches one convolution and nothing else, through at most one
+activation and any pass-through modules. Where a chain lies wholly inside an
+nn.Sequential, that Sequential is where it is fused; a chain that crosses
+module boundaries is fused in the forward of the module holding both ends.
+
+The module keeps its class, submodules, parameters and buffers (state dict
+keys are unchanged); only its `forward` attribute is set, to a FusedForward.
+A trace bakes in Python-level decisions (`if self.training`, `if temb is not
+None`, `len(args)`), so FusedForward keeps one plan per call signature: the
+module's own plain attributes (training and other flags), grad mode, and the
+non-tensor arguments. A signature that cannot be keyed or traced runs the
+module's own forward. What it cannot see: Python-level randomness or global
+state read inside the forward, which the trace fixes.
+"""
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from resfast.conversion.units import Unsupported, activation_call_kind, activation_module_kind, conv_kind, \
+    is_pass_through, norm_act_conv, norm_kind
+
+
+def is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+# ---------------------------------------------------------------- call signatures
+_TENSOR = "tensor"
+_VALUES = (bool, int, float, str, type(None))
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _spec(value, tensors):
+    """A hashable description of value with each tensor replaced by a marker
+    (appended to tensors, in order)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _TENSOR
+    if isinstance(value, _VALUES):
+        return type(value), value  # type too: 1, 1.0 and True are equal as keys
+    if type(value) in (tuple, list):
+        return type(value), tuple(_spec(v, tensors) for v in value)
+    raise _Unkeyable
+
+
+def _fill(spec, tensors):
+    if spec == _TENSOR:
+        return next(tensors)
+    kind, value = spec
+    if kind in (tuple, list):
+        return kind(_fill(s, tensors) for s in value)
+    return value
+
+
+def _state(module):
+    """The module's own plain attributes (training, flags such as diffusers'
+    gradient_checkpointing), which its forward may branch on."""
+    return tuple((k, v) for k, v in module.__dict__.items() if isinstance(v, _VALUES))
+
+
+# ---------------------------------------------------------------- tracing
+class _Scope(nn.Module):
+    """The traced root: module `m` called with one call signature's
+    non-tensor arguments fixed and its tensors taken from one placeholder."""
+
+    def __init__(self, module, args_spec, kwargs_spec, count):
+        super().__init__()
+        self.m = module
+        self.specs = (args_spec, kwargs_spec, count)
+
+    def forward(self, tensors):
+        args_spec, kwargs_spec, count = self.specs
+        it = iter([tensors[i] for i in range(count)])
+        args = _fill(args_spec, it)
+        kwargs = dict(_fill(kwargs_spec, it))
+        return type(self.m).forward(self.m, *args, **kwargs)
+
+
+class _Tracer(fx.Tracer):
+    """Follows plain nn.Sequentials into, except those in `leaves`; records
+    the ones it followed."""
+
+    def __init__(self, leaves=frozenset()):
+        super().__init__(param_shapes_constant=False)
+        self.proxy_buffer_attributes = True  # a forward's buffer updates are recorded, not run
+        self.leaves = leaves
+        self.followed = set()
+
+    def is_leaf_module(self, m, qualname):
+        return not is_plain_sequential(m) or id(m) in self.leaves
+
+    def call_module(self, m, forward, args, kwargs):
+        if not self.is_leaf_module(m, ""):
+            self.followed.add(id(m))
+        return super().call_module(m, forward, args, kwargs)
+
+
+@dataclass
+class Chain:
+    """norm → (act) → conv in a trace; paths relative to the traced module."""
+
+    nodes: list  # the chain's graph nodes, norm first, conv last
+    activation: str
+    parts: list  # the chain's module paths, or function names
+
+    @property
+    def norm(self):
+        return self.nodes[0].target[2:]  # strip the scope's "m."
+
+    @property
+    def conv(self):
+        return self.nodes[-1].target[2:]
+
+
+@dataclass
+class Plan:
+    """One call signature's trace: its chains and what it left alone."""
+
+    graph: fx.Graph = None
+    chains: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (parts, reason)
+    followed: set = field(default_factory=set)  # ids of the Sequentials the trace followed into
+    error: str = None
+
+
+def _describe(node, scope):
+    if node.op == "call_module":
+        return node.target[2:]
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _chain_from(norm_node, scope):
+    """The chain starting at a normalisation node: Chain, (parts, reason) for
+    a recognised chain that cannot be fused, or None."""
+    reasons = []
+
+    def kind_of(fn, *args):
+        try:
+            return fn(*args)
+        except Unsupported as e:
+            reasons.append(str(e))
+            return "unsupported"
+
+    kind = kind_of(norm_kind, scope.get_submodule(norm_node.target))
+    if kind is None:
+        return None
+    activation = None if kind == "unsupported" else kind[1]
+    nodes = [norm_node]
+    while True:
+        node = nodes[-1]
+        users = list(node.users)
+        if len(users) != 1:
+            convs = [u for u in users if u.op == "call_module" and
+                     kind_of(conv_kind, scope.get_submodule(u.target)) is not None]
+            if convs:
+                parts = [_describe(n, scope) for n in nodes]
+                return parts, f"the normalised activation feeds {len(users)} consumers " \
+                              f"({', '.join(_describe(u, scope) for u in users)})"
+            return None
+        user = users[0]
+        if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
+            return None
+        if user.op == "call_module":
+            m = scope.get_submodule(user.target)
+            conv = kind_of(conv_kind, m)
+            if conv is not None:
+                if len(user.args) != 1 or user.kwargs:
+                    return None
+                nodes.append(user)
+                parts = [_describe(n, scope) for n in nodes]
+                if reasons:
+                    return parts, reasons[0]
+                return Chain(nodes, activation or "identity", parts)
+            if kind_of(is_pass_through, m) in (True, "unsupported"):
+                nodes.append(user)
+                continue
+            act = kind_of(activation_module_kind, m)
+        else:
+            act = activation_call_kind(user.op, user.target)
+            if act is not None and (len(user.args) > 2 or set(user.kwargs) - {"inplace"}):
+                act = None
+        if act is None:
+            return None
+        if activation not in (None, "identity") and act != "unsupported":
+            reasons.append(f"two activations ({activation}, then {act})")
+        activation = activation if act == "unsupported" else act
+        nodes.append(user)
+
+
+@contextlib.contextmanager
+def _proxies_are_tensors():
+    """torch.is_tensor(proxy) is False, which would trace a forward's
+    "not a tensor yet" branch (diffusers' timesteps handling): during a trace
+    it says what the value will be at run time."""
+    is_tensor = torch.is_tensor
+    torch.is_tensor = lambda obj: isinstance(obj, fx.Proxy) or is_tensor(obj)
+    try:
+        yield
+    finally:
+        torch.is_tensor = is_tensor
+
+
+def _trace(module, args_spec, kwargs_spec, count, leaves=frozenset()):
+    scope = _Scope(module, args_spec, kwargs_spec, count)
+    tracer = _Tracer(leaves)
+    plan = Plan()
+    try:
+        with _proxies_are_tensors():
+            plan.graph = tracer.trace(scope)
+    except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError, NameError...
+        plan.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return scope, plan
+    plan.followed = tracer.followed
+    constants = [n.target for n in plan.graph.nodes if n.op == "get_attr" and not n.target.startswith("m.")]
+    if constants:
+        plan.error = f"the forward creates tensor constants ({', '.join(constants)})"
+        return scope, plan
+    for node in plan.graph.nodes:
+        if node.op != "call_module":
+            continue
+        found = _chain_from(node, scope)
+        if isinstance(found, Chain):
+            plan.chains.append(found)
+        elif found is not None:
+            plan.skipped.append(found)
+    return scope, plan
+
+
+def _container(path_a, path_b):
+    """The deepest module path holding both (relative to the traced module)."""
+    a, b = path_a.split("."), path_b.split(".")
+    common = []
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _inside(path, container):
+    return path == container or path.startswith(container + ".")
+
+
+def plan_for(module, args_spec, kwargs_spec, count):
+    """Trace module for one call signature. A chain wholly inside one of the
+    Sequentials followed into belongs to that Sequential (fused where it is,
+    so the block structure stays): the outermost such Sequentials that no
+    other chain crosses are traced again as single calls."""
+    scope, plan = _trace(module, args_spec, kwargs_spec, count)
+    if plan.error is not None or not plan.chains:
+        return scope, plan
+    ends = [(c.norm, c.conv) for c in plan.chains]
+    containers = sorted({_container(*e) for e in ends} - {""}, key=len)
+    leaves = []
+    for c in containers:
+        if any(_inside(c, other) for other in leaves):
+            continue
+        if all(_inside(n, c) == _inside(v, c) for n, v in ends):
+            leaves.append(c)
+    if not leaves:
+        return scope, plan
+    ids = frozenset(id(module.get_submodule(c)) for c in leaves)
+    return _trace(module, args_spec, kwargs_spec, count, ids)
+
+
+def fused_graph(plan: Plan) -> fx.Graph:
+    """plan's graph with each chain replaced by one norm_act_conv call that
+    reads the modules where they are."""
+    graph = plan.graph
+    for chain in plan.chains:
+        norm_node, conv_node = chain.nodes[0], chain.nodes[-1]
+        with graph.inserting_before(conv_node):
+            norm = graph.get_attr(norm_node.target)
+            conv = graph.get_attr(conv_node.target)
+            fused = graph.call_function(norm_act_conv, (norm_node.args[0], norm, conv, chain.activation))
+        conv_node.replace_all_uses_with(fused)
+        for node in reversed(chain.nodes):
+            graph.erase_node(node)
+    graph.lint()
+    return graph
+
+
+# ---------------------------------------------------------------- the installed forward
+class _Root:
+    """What a generated forward reads its modules from: `self.m...`."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, module):
+        self.m = module
+
+
+class FusedForward:
+    """A module's forward with its norm → act → conv chains fused: set as the
+    instance's `forward` attribute. Runs the plan traced for the call's
+    signature (tracing it on first use), or the class's own forward where
+    there is none."""
+
+    def __init__(self, module):
+        self._module = module
+        self._plans = {}
+
+    def __call__(self, *args, **kwargs):
+        module = self._module
+        tensors = []
+        try:
+            key = (_state(module), torch.is_grad_enabled(), _spec(args, tensors),
+                   _spec(tuple(kwargs.items()), tensors))
+        except _Unkeyable:
+            return type(module).forward(module, *args, **kwargs)
+        fn = self._plans.get(key)
+        if fn is None:
+            fn = self._plans[key] = self._build(key[2], key[3], len(tensors))
+        if fn is False:
+            return type(module).forward(module, *args, **kwargs)
+        return fn(_Root(module), tensors)
+
+    @torch.compiler.disable
+    def _build(self, args_spec, kwargs_spec, count):
+        """The generated forward for one signature, or False (run the module's own)."""
+        scope, plan = plan_for(self._module, args_spec, kwargs_spec, count)
+        if plan.error is not None or not plan.chains:
+            return False
+        return type(fx.GraphModule(scope, fused_graph(plan))).forward
+
+    def add_plan(self, key_specs, scope, plan):
+        """Install a plan already traced (at conversion) for its signature."""
+        args_spec, kwargs_spec, count = key_specs
+        key = (_state(self._module), True, args_spec, kwargs_spec)
+        self._plans[key] = type(fx.GraphModule(scope, fused_graph(plan))).forward
+
+    def __getstate__(self):
+        # Generated functions do not pickle; plans are traced again after loading.
+        return {"_module": self._module, "_plans": {}}
+
+
+def default_signature(module):
+    """The call signature resfast.convert traces at conversion: tensors for
+    the forward's required positional parameters, defaults for the rest.
+    None if the forward's signature cannot be read or keyed."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    args = [torch.empty(0) for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return None
+    tensors = []
+    return _spec(tuple(args), tensors), _spec((), tensors), len(tensors)

@@ -1,0 +1,168 @@
+"""resfast.convert on the models people train, from torchvision, timm,
+diffusers, MONAI and segmentation_models_pytorch: the chains it fuses, the
+state dict it keeps, and outputs, gradients and buffers against the original
+model in float64."""
+
+import pytest
+import torch
+
+import resfast
+from utils import assert_close, compare_models, randomize
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+
+def converted_copy(original, units, skipped=0):
+    """The converted model, checked to hold the original's state dict under the same keys, both ways."""
+    converted, report = resfast.convert(original)
+    assert report.units == units, str(report)
+    assert len(report.skipped) == skipped, str(report)
+    converted.load_state_dict(original.state_dict(), strict=True)
+    original.load_state_dict(converted.state_dict(), strict=True)
+    return converted
+
+
+def compare_outputs(ours, ref, inputs, training, output=lambda y: y):
+    """Both models (float64) on the same inputs and output gradient: outputs,
+    parameter gradients and buffers."""
+    ours.train(training)
+    ref.train(training)
+    ys = []
+    for model in (ref, ours):
+        torch.manual_seed(0)
+        ys.append(output(model(*inputs)))
+    grad = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(grad)
+    assert_close(ys[1], ys[0], torch.float64, "output", TOL)
+    ref_params = dict(ref.named_parameters())
+    # A gradient that cancels to zero (a bias before a normalisation, an
+    # attention key's bias) is measured against its module's largest.
+    module_scale = {}
+    for name, q in ref_params.items():
+        module = name.rpartition(".")[0]
+        module_scale[module] = max(module_scale.get(module, 0.0), q.grad.abs().max().item())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, torch.float64, f"grad {name}", TOL,
+                     floor=module_scale[name.rpartition(".")[0]])
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in ours.named_buffers():
+        assert torch.equal(b, ref_buffers[name]) or torch.allclose(b, ref_buffers[name], rtol=1e-12), name
+
+
+# Deep randomised models with training-mode BatchNorm over batches of 2 (the
+# last stages see 1x1 maps) amplify float64 rounding to about 1e-9.
+TOL = 1e-8
+TRAINING = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+
+
+# ---------------------------------------------------------------- torchvision
+@TRAINING
+@pytest.mark.parametrize("name, units", [("resnet18", 8), ("resnext50_32x4d", 32), ("regnet_y_400mf", 16),
+                                         ("efficientnet_b0", 15)])
+def test_torchvision(name, units, training):
+    """Post-activation blocks (bn1→relu→conv2), grouped and depthwise
+    convolutions, chains across Conv2dNormActivation boundaries."""
+    torch.manual_seed(0)
+    original = randomize(getattr(torchvision.models, name)(num_classes=5)).double()
+    converted = converted_copy(original, units)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)  # batch 4: the last stage's BatchNorms see 1x1 maps
+    if name == "efficientnet_b0":  # stochastic depth and dropout: the same draws on both sides
+        compare_outputs(converted, original, (x,), training)
+    else:
+        compare_models(converted, original, x, training, dtype=torch.float64, tol=TOL)
+
+
+def test_torchvision_relu6_is_reported():
+    _, report = resfast.convert(torchvision.models.mobilenet_v2(num_classes=5))
+    assert report.units == 0 and len(report.skipped) == 33
+    assert all("ReLU6" in s.reason for s in report.skipped)
+
+
+# ---------------------------------------------------------------- timm
+@TRAINING
+@pytest.mark.parametrize("name, units", [("resnet26t", 18), ("resnetv2_50d_gn", 46), ("densenet121", 119),
+                                         ("dla34", 14)])
+def test_timm(name, units, training):
+    torch.manual_seed(0)
+    original = randomize(timm.create_model(name, num_classes=5)).double()
+    converted = converted_copy(original, units, skipped=4 if name == "resnetv2_50d_gn" else 0)
+    compare_models(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), training,
+                   dtype=torch.float64, tol=TOL)
+
+
+# ---------------------------------------------------------------- diffusers
+diffusers = pytest.importorskip("diffusers")
+
+
+@TRAINING
+def test_diffusers_unet2d(training):
+    """ResnetBlock2D: norm1→SiLU→conv1 and norm2→SiLU→dropout(0)→conv2 with the
+    time-embedding add before norm2, output_scale_factor, conv_shortcut."""
+    torch.manual_seed(0)
+    original = randomize(diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1)).double()
+    converted = converted_copy(original, 16, skipped=1)
+    inputs = (torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([10, 500]))
+    compare_outputs(converted, original, inputs, training, output=lambda y: y.sample)
+
+
+@TRAINING
+def test_diffusers_autoencoder(training):
+    """AutoencoderKL: its encoder's and decoder's ResnetBlock2Ds (no time
+    embedding: temb is None) and the conv_norm_out → conv_act → conv_out tails."""
+    torch.manual_seed(0)
+    original = randomize(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1)).double()
+    converted = converted_copy(original, 22)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    compare_outputs(converted, original, (x,), training, output=lambda y: y.sample)
+
+
+def test_diffusers_dropout_is_reported():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=8, dropout=0.1)
+    _, report = resfast.convert(block)
+    assert report.units == 1
+    assert [s.original for s in report.skipped] == ["norm2 → nonlinearity → dropout → conv2"]
+    assert "Dropout(p=0.1)" in report.skipped[0].reason
+
+
+# ---------------------------------------------------------------- MONAI, segmentation_models_pytorch
+@TRAINING
+def test_monai_segresnet(training):
+    monai = pytest.importorskip("monai")
+    torch.manual_seed(0)
+    original = randomize(monai.networks.nets.SegResNet(spatial_dims=2, init_filters=8, in_channels=3,
+                                                       out_channels=2)).double()
+    converted = converted_copy(original, 25)
+    compare_models(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), training,
+                   dtype=torch.float64, tol=TOL)
+
+
+@TRAINING
+def test_smp_unet(training):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    original = randomize(smp.Unet("resnet18", encoder_weights=None, classes=2, decoder_channels=(32, 16, 16, 8, 8)))
+    converted = converted_copy(original.double(), 13)
+    compare_models(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), training,
+                   dtype=torch.float64, tol=TOL)
+
+
+def test_saved_ratio_is_measured_on_copies():
+    original = torchvision.models.resnet18(num_classes=5)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    converted, report = resfast.convert(original, example_inputs=torch.randn(2, 3, 32, 32))
+    assert 0.5 < report.saved_ratio < 0.95
+    assert "saved activations" in str(report)
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in converted.state_dict().items():
+        assert torch.equal(v, before[k]), k
