@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install -q torch==2.14.1 torchvision==0.29.1 pybind11 ninja setuptools wheel \
-  pytest pytest-benchmark hypothesis expecttest timm matplotlib tqdm
+  pytest pytest-benchmark hypothesis expecttest timm matplotlib tqdm \
+  diffusers monai segmentation-models-pytorch
 
 # setup.py finds the CUDA headers and libraries of the nvidia wheels torch
 # depends on, and the GPU architectures (scripts/build_config.py).

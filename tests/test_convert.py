@@ -1,6 +1,8 @@
 """resfast.convert: recognised patterns become resfast modules with the same
 parameters and buffers and the same outputs; everything else is untouched."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -22,7 +24,9 @@ def test_timm_resnetv2_50(training):
     before = state(original)
     converted, report = resfast.convert(original)
     blocks = [f"stages.{i}.blocks.{j}" for i, n in enumerate([3, 4, 6, 3]) for j in range(n)]
-    assert report.replaced == [Replaced(b, "PreActBottleneck", "PreActBottleneck") for b in blocks]
+    assert report.replaced == [Replaced(b, "PreActBottleneck", "PreActBottleneck", 4 if j == 0 else 3)
+                               for b in blocks for j in [int(b[-1])]]
+    assert report.units == 16 * 3 + 4
     assert report.skipped == []
     for b in blocks:
         assert type(converted.get_submodule(b)) is resfast.nn.PreActBottleneck
@@ -62,17 +66,20 @@ def test_timm_basic_blocks_with_drop_path(training):
     assert_close(converted.train()(x), y_ref, torch.float64, "output with drop_path")
 
 
-def test_bit_blocks_are_reported_not_converted():
-    """timm's default ResNetV2 block layers (StdConv2d, GroupNormAct) have no exact resfast mapping yet."""
-    original = TimmResNetV2(layers=[1, 1], channels=(128, 256), stem_chs=32, num_classes=5)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bit_blocks_fuse_std_conv_and_group_norm_act(training):
+    """timm's default ResNetV2 blocks (StdConv2d, GroupNormAct): each chain is
+    fused with the weight standardised per forward as timm does; a block's
+    first pre-activation, shared with its downsample, is left alone."""
+    original = randomize(TimmResNetV2(layers=[1, 1], channels=(128, 256), stem_chs=32, num_classes=5))
+    before = state(original)
     converted, report = resfast.convert(original)
-    assert report.replaced == []
-    assert [(s.name, s.original) for s in report.skipped] == [("stages.0.blocks.0", "PreActBottleneck"),
-                                                               ("stages.1.blocks.0", "PreActBottleneck")]
-    assert all("StdConv2d" in s.reason for s in report.skipped)
-    assert "StdConv2d" in str(report)
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(converted.eval()(x), original.eval()(x))
+    assert report.units == 4
+    assert [(s.name, s.original) for s in report.skipped] == [("stages.0.blocks.0", "norm1"),
+                                                               ("stages.1.blocks.0", "norm1")]
+    assert all("feeds 2 consumers (downsample, conv1)" in s.reason for s in report.skipped)
+    assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    compare_models(converted.double(), original.double(), torch.randn(2, 3, 32, 32), training, dtype=torch.float64)
 
 
 class Net(nn.Module):
@@ -97,36 +104,18 @@ def test_sequential_bn_relu_conv_chains(training):
     original = randomize(Net()).double()
     before = state(original)
     converted, report = resfast.convert(original)
-    assert [(r.name, r.replacement) for r in report.replaced] == [
-        ("features.1", "BNReLUConv2d"), ("features.4", "BNReLUConv2d"), ("features.10.0", "BNReLUConv2d")]
-    assert report.replaced[0].original == "BatchNorm2d+ReLU+Conv2d (1, 2, 3)"
-    f = converted.features
-    assert [type(m).__name__ for m in f] == [
-        "Conv2d", "BNReLUConv2d", "Identity", "Identity", "BNReLUConv2d", "Identity", "Identity",
-        "BatchNorm2d", "ReLU", "Conv2d", "Sequential", "BatchNorm2d"]
-    assert f[9].padding_mode == "reflect" and type(converted.head) is nn.Linear
-
-    # The same parameters, in the same order, under the new names.
-    ours = list(converted.named_parameters())
-    theirs = list(original.named_parameters())
-    assert len(ours) == len(theirs)
-    for (name, p), (_, q) in zip(ours, theirs):
-        assert torch.equal(p, q), name
-
-    converted.train(training)
-    original.train(training)
-    x = torch.randn(3, 3, 13, 11, dtype=torch.float64)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = original(xa), converted(xb)
-    assert_close(yb, ya, torch.float64, "output")
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    assert_close(xb.grad, xa.grad, torch.float64, "grad input")
-    for (name, p), (_, q) in zip(converted.named_parameters(), original.named_parameters()):
-        assert_close(p.grad, q.grad, torch.float64, f"grad {name}", floor=1.0)
-    for (name, b), (_, c) in zip(converted.named_buffers(), original.named_buffers()):
-        assert torch.allclose(b, c, rtol=1e-12, atol=1e-12), name
+    assert [(r.name, r.original) for r in report.replaced] == [
+        ("features", "1 → 2 → 3"), ("features", "4 → 5 → 6"), ("features.10", "0 → 1 → 2")]
+    assert report.units == 3
+    assert [(s.name, s.original) for s in report.skipped] == [("features", "7 → 8 → 9")]
+    assert "padding_mode='reflect'" in report.skipped[0].reason
+    # Same modules, names, parameters and buffers: only the forwards changed.
+    assert [type(m) for m in converted.modules()] == [type(m) for m in original.modules()]
+    assert converted.state_dict().keys() == before.keys()
+    for k, v in converted.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    compare_models(converted, original, torch.randn(3, 3, 13, 11, dtype=torch.float64), training,
+                   dtype=torch.float64)
     changed = any(not torch.equal(v, before[k]) for k, v in original.state_dict().items())
     assert changed == training  # original ran too; its own forward updated its own buffers
 
@@ -136,13 +125,14 @@ def test_inplace_false_leaves_model_untouched_and_inplace_shares():
     before = state(original)
     converted, _ = resfast.convert(original)
     converted.train()(torch.randn(2, 3, 9, 9))
-    assert type(original.features[1]) is nn.BatchNorm2d
+    assert "forward" not in original.features.__dict__
     for k, v in original.state_dict().items():
         assert torch.equal(v, before[k]), k
 
+    weight = original.features[1].weight
     same, report = resfast.convert(original, inplace=True)
-    assert same is original and type(original.features[1]) is resfast.nn.BNReLUConv2d
-    assert original.features[1].bn.weight is not None and len(report.replaced) == 3
+    assert same is original and "forward" in original.features.__dict__
+    assert original.features[1].weight is weight and report.units == 3
 
 
 def test_unrecognised_model_is_returned_unchanged():
@@ -194,3 +184,144 @@ def test_group_norm_is_converted():
     assert [(r.name, r.replacement) for r in report.replaced] == [("1", "resfast GroupNorm")]
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(model(x), ref(x))
+
+
+# ---------------------------------------------------------------- chain fusion by tracing
+class Block(nn.Module):
+    """Chains between siblings, functional and method activations, a Python
+    branch on an optional argument and on self.training."""
+
+    def __init__(self, norm=None):
+        super().__init__()
+        self.norm1 = norm or nn.BatchNorm2d(6, bias=False)
+        self.conv1 = nn.Conv2d(6, 8, 3, padding=1)
+        self.norm2 = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 6, 1, bias=False)
+        self.scale = 0.5
+
+    def forward(self, x, skip=None):
+        if skip is not None:
+            x = x + skip
+        y = self.conv1(torch.nn.functional.relu(self.norm1(x)))
+        if self.training:
+            y = y * 2
+        return self.conv2(torch.nn.functional.silu(self.norm2(y))) * self.scale + x
+
+
+def _run(model, args, training, seed=0):
+    model.train(training)
+    torch.manual_seed(seed)
+    return model(*args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block_chains_follow_each_call_signature(training):
+    original = randomize(Block()).double()
+    converted, report = resfast.convert(original)
+    assert [r.original for r in report.replaced] == ["norm1 → relu → conv1", "norm2 → silu → conv2"]
+    assert type(converted.norm2) is nn.GroupNorm  # a chain's norm is not swapped for resfast's: it is not called
+    x, skip = (torch.randn(2, 6, 7, 5, dtype=torch.float64) for _ in range(2))
+    for args in [(x,), (x, skip), (x, None), (x,)]:
+        assert_close(_run(converted, args, training), _run(original, args, training), torch.float64, f"{len(args)}")
+    assert_close(_run(converted, (x,), not training), _run(original, (x,), not training), torch.float64, "mode")
+    converted.scale = 3.0  # a plain attribute the forward reads: a new plan, not the traced value
+    original.scale = 3.0
+    assert_close(_run(converted, (x,), training), _run(original, (x,), training), torch.float64, "attribute")
+    compare_models(converted, original, x, training, dtype=torch.float64)
+    plans = converted.forward._plans
+    assert sum(fn is not False for fn in plans.values()) >= 4
+
+
+def test_converted_block_keeps_hooks_copies_and_pickles(tmp_path):
+    model = nn.Sequential(randomize(Block()), nn.Conv2d(6, 3, 1))
+    converted, report = resfast.convert(model)
+    assert report.units == 2
+    x = torch.randn(2, 6, 5, 5)
+    y = converted.eval()(x)
+    torch.testing.assert_close(y, model.eval()(x))
+    twin = copy.deepcopy(converted)
+    assert twin[0].forward._module is twin[0]
+    torch.testing.assert_close(twin(x), y)
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), y)
+    assert loaded[0].forward._module is loaded[0]
+    seen = []
+    converted[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    converted(x)
+    assert seen == [torch.Size([2, 6, 5, 5])]
+
+
+def test_untraceable_and_shared_chains_are_reported():
+    class DataDependent(Block):
+        def forward(self, x, skip=None):
+            if x.sum() > 0:  # a Python branch on a tensor's value: fx cannot trace it
+                x = -x
+            return super().forward(x)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            a = torch.relu(self.norm(x))
+            return self.conv(a) + a
+
+    model = nn.Sequential(DataDependent(), nn.Conv2d(6, 4, 1), Shared())
+    converted, report = resfast.convert(model)
+    assert report.units == 0
+    assert [(s.name, s.original) for s in report.skipped] == [("0", "DataDependent"), ("2", "norm → relu")]
+    assert "forward not traceable" in report.skipped[0].reason
+    assert "feeds 2 consumers (conv, add)" in report.skipped[1].reason
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(converted.eval()(x), model.eval()(x))
+
+
+def test_norms_without_bias():
+    """torch's `bias=False` norms: in the chains, in the drop-in modules."""
+    for norm in (nn.BatchNorm2d(6, bias=False), nn.GroupNorm(3, 6, bias=False),
+                 resfast.nn.SyncBatchNorm2d(6, bias=False), resfast.nn.GroupNormAct(3, 6, bias=False)):
+        assert norm.bias is None and norm.weight is not None
+        block = randomize(Block(norm if not isinstance(norm, resfast.nn.GroupNormAct) else nn.GroupNorm(3, 6)))
+        converted, report = resfast.convert(block.double())
+        assert report.units == 2
+        compare_models(converted, block, torch.randn(3, 6, 5, 4, dtype=torch.float64), True, dtype=torch.float64)
+        x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+        norm.double()
+        reference = nn.functional.group_norm(x, 3, norm.weight) if isinstance(norm, nn.GroupNorm) else \
+            nn.functional.batch_norm(x, None, None, norm.weight, None, True)
+        if isinstance(norm, resfast.nn.GroupNormAct):
+            reference = nn.functional.silu(reference)
+        torch.testing.assert_close(norm.train()(x), reference)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block_rules_take_norms_without_bias(training):
+    """torchvision's dense blocks and timm's pre-activation blocks whose norms have no bias."""
+    import torchvision
+    from timm.layers import BatchNormAct2d, create_conv2d
+
+    models = [torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5),
+              TimmResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, layers=[1, 1], channels=(16, 24),
+                           stem_chs=8, num_classes=5, basic=True, bottle_ratio=1.0)]
+    for original, kinds in zip(models, [{"DenseBlock", "Transition"}, {"PreActBasicBlock"}]):
+        for m in original.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.register_parameter("bias", None)
+        original = randomize(original).double()
+        converted, report = resfast.convert(original)
+        assert kinds <= {r.replacement for r in report.replaced}
+        compare_models(converted, original, torch.randn(3, 3, 24, 24, dtype=torch.float64), training,
+                       dtype=torch.float64)
+
+
+def test_converted_block_compiles_without_graph_breaks():
+    block = randomize(Block())
+    converted, _ = resfast.convert(block)
+    x = torch.randn(2, 6, 5, 5)
+    converted.train()(x)  # the plan for this signature, traced eagerly
+    explanation = torch._dynamo.explain(converted)(x)
+    assert explanation.graph_break_count == 0
+    torch.testing.assert_close(torch.compile(converted)(x), block.train()(x))

@@ -93,13 +93,11 @@ def test_timm(name, units, training):
 
 
 # ---------------------------------------------------------------- diffusers
-diffusers = pytest.importorskip("diffusers")
-
-
 @TRAINING
 def test_diffusers_unet2d(training):
     """ResnetBlock2D: norm1→SiLU→conv1 and norm2→SiLU→dropout(0)→conv2 with the
     time-embedding add before norm2, output_scale_factor, conv_shortcut."""
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     original = randomize(diffusers.UNet2DModel(
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
@@ -114,6 +112,7 @@ def test_diffusers_unet2d(training):
 def test_diffusers_autoencoder(training):
     """AutoencoderKL: its encoder's and decoder's ResnetBlock2Ds (no time
     embedding: temb is None) and the conv_norm_out → conv_act → conv_out tails."""
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     original = randomize(diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4,
@@ -125,6 +124,7 @@ def test_diffusers_autoencoder(training):
 
 
 def test_diffusers_dropout_is_reported():
+    pytest.importorskip("diffusers")
     from diffusers.models.resnet import ResnetBlock2D
 
     block = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=8, dropout=0.1)

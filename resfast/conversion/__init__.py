@@ -135,7 +135,7 @@ def _may_hold_chain(module):
     return found == {"norm", "conv"}
 
 
-def _fuse_chains(module, name, report) -> set:
+def _fuse_chains(module, name, report, fused) -> set:
     """Trace module's forward, fuse its chains; the ids of the Sequentials the trace followed into."""
     # Only modules that may hold a chain are traced: a trace runs the forward's
     # Python (a norm's forward would count a batch).
@@ -156,22 +156,24 @@ def _fuse_chains(module, name, report) -> set:
     if plan.chains:
         for chain in plan.chains:
             report.replaced.append(Replaced(name, " → ".join(chain.parts), "fused unit", 1))
+            fused.update(id(module.get_submodule(path)) for path in (chain.norm, chain.conv))
         forward = FusedForward(module)
         forward.add_plan(signature, scope, plan)
         module.forward = forward
     return plan.followed
 
 
-def _convert(module, name, report, trace=True):
-    if _is_resfast(module):
+def _convert(module, name, report, fused, trace=True):
+    """fused: the ids of modules a fused chain applies (no rule swaps them: they are not called)."""
+    if _is_resfast(module) or id(module) in fused:
         return module  # already fused: its submodules are parameter holders
     module, decided = _apply_rules(module, name, report)
     if decided:
         return module
     # A Sequential the parent's trace followed into was searched there.
-    followed = _fuse_chains(module, name, report) if trace else set()
+    followed = _fuse_chains(module, name, report, fused) if trace else set()
     for child_name, child in list(module.named_children()):
-        new = _convert(child, _qualified(name, child_name), report, trace=id(child) not in followed)
+        new = _convert(child, _qualified(name, child_name), report, fused, trace=id(child) not in followed)
         if new is not child:
             setattr(module, child_name, new)
     return module
@@ -207,7 +209,7 @@ def convert(model: nn.Module, inplace: bool = False, example_inputs=None):
     if not inplace:
         model = copy.deepcopy(model)
     report = Report()
-    model = _convert(model, "", report)
+    model = _convert(model, "", report, set())
     if reference is not None:
         report.saved_ratio = _saved_ratio(reference, model, example_inputs)
     return model, report

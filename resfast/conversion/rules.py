@@ -46,7 +46,7 @@ def _plain_batch_norm(norm, where):
     if type(norm.act) is not nn.ReLU or type(norm.drop) is not nn.Identity:
         raise Unsupported(f"{where} applies {_type_name(norm.act)} and {_type_name(norm.drop)}, not ReLU alone")
     bn = nn.BatchNorm2d(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
-                        device="meta")
+                        device="meta", bias=norm.bias is not None)
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         setattr(bn, name, getattr(norm, name))
     return bn.train(norm.training)

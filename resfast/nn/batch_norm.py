@@ -36,8 +36,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     the group; called on its own it normalises like nn.SyncBatchNorm."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 process_group=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
         self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     BatchNorm)."""
     if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
         bn = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, process_group, device="meta")
+                             module.track_running_stats, process_group, device="meta",
+                             bias=module.bias is not None)
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(bn, name, getattr(module, name))
         return bn.train(module.training)

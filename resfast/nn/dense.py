@@ -34,8 +34,16 @@ class DenseLayer(nn.Module):
     def params(self, use_batch_stats: bool) -> "ops.DenseLayerParams":
         running = () if use_batch_stats else (self.norm1.running_mean, self.norm1.running_var,
                                               self.norm2.running_mean, self.norm2.running_var)
-        return ops.DenseLayerParams(self.norm1.weight, self.norm1.bias, self.conv1.weight, self.norm2.weight,
-                                          self.norm2.bias, self.conv2.weight, *running)
+        norm1, norm2 = _affine(self.norm1, self.conv1.weight), _affine(self.norm2, self.conv2.weight)
+        return ops.DenseLayerParams(*norm1, self.conv1.weight, *norm2, self.conv2.weight, *running)
+
+
+def _affine(bn: nn.BatchNorm2d, like: torch.Tensor):
+    """bn's (weight, bias), with the identity's ones and zeros where bn has
+    none (affine=False, bias=False): the dense block op takes both."""
+    def vector(t, value):
+        return torch.full((bn.num_features,), value, dtype=like.dtype, device=like.device) if t is None else t
+    return vector(bn.weight, 1.0), vector(bn.bias, 0.0)
 
 
 class DenseBlock(nn.Module):

@@ -26,9 +26,10 @@ class GroupNormAct(nn.GroupNorm):
     activation's input from x: one saved tensor where GroupNorm followed by
     nn.SiLU saves two."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation="silu", device=None, dtype=None,
+                 *, bias=True):
         check_activation(activation)
-        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ def check_conv_module(conv: nn.Conv2d):
         raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
 
 
-def _affine_conv(x, affine, conv, weight, bias, residual, activation, output_stats=False):
-    """The fused op with conv's arguments and the given weight and bias."""
+def affine_conv(x, affine, conv, weight, bias, residual, activation, output_stats=False):
+    """The fused op with conv's arguments (stride, padding, dilation, groups)
+    and the given weight and bias."""
     stride, padding, dilation, groups = conv_arguments(conv)
     if direct(x, residual, weight):
         args = (x, affine.mean, affine.scale, affine.shift, weight, bias, residual, stride, padding, dilation, groups,
@@ -50,23 +51,25 @@ def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residu
     """conv(act(normalised x)) + residual, one fused op, with conv's
     parameters; with output_stats, also the output's per-channel (mean, var)
     from the epilogue: (y, (mean, var))."""
-    out = _affine_conv(x, affine, conv, conv.weight, conv.bias, residual, activation, output_stats)
+    out = affine_conv(x, affine, conv, conv.weight, conv.bias, residual, activation, output_stats)
     return (out[0], out[1:]) if output_stats else out
 
 
 def batch_norm_conv(bn: nn.Module, conv: nn.Conv2d, x: torch.Tensor, training: bool, residual=None,
-                    activation="relu", batch_stats=None) -> torch.Tensor:
+                    activation="relu", batch_stats=None, weight=None) -> torch.Tensor:
     """conv(act(bn(x))) + residual, one fused unit with the modules'
     parameters (F.batch_norm's semantics; statistics over every process when
-    bn is synchronised). batch_stats: x's, from its producer."""
+    bn is synchronised). batch_stats: x's, from its producer. weight: the
+    convolution's, when it is not conv.weight as it is (a standardised one)."""
+    conv_weight = conv.weight if weight is None else weight
     if sync_process_group(bn, training)[0]:
-        return norm_conv(x, bn_affine(bn, x, training), conv, residual, activation)
+        return affine_conv(x, bn_affine(bn, x, training), conv, conv_weight, conv.bias, residual, activation)
     running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(bn, training)
-    if direct(x, residual, conv.weight):
+    if direct(x, residual, conv_weight):
         return fused.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps,
-                                           conv.weight, conv.bias, residual, *conv_arguments(conv), activation,
+                                           conv_weight, conv.bias, residual, *conv_arguments(conv), activation,
                                            *(batch_stats or (None, None)))
-    return ops.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps, conv.weight,
+    return ops.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps, conv_weight,
                                      conv.bias, conv.stride, ops.conv_padding(conv.padding, conv.kernel_size,
                                                                               conv.dilation),
                                      conv.dilation, conv.groups, activation, residual, batch_stats)
@@ -129,5 +132,5 @@ def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
     weights = conv.weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (conv.weight,)
     y = residual
     for i, (x, affine, weight) in enumerate(zip(parts, affines, weights)):
-        y = _affine_conv(x, affine, conv, weight, conv.bias if i == len(parts) - 1 else None, y, activation)
+        y = affine_conv(x, affine, conv, weight, conv.bias if i == len(parts) - 1 else None, y, activation)
     return y
