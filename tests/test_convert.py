@@ -8,6 +8,7 @@ import timm
 import torch
 from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
 from torch import nn
+from torch.nn.utils import prune
 
 import resfast
 from resfast.conversion import Replaced
@@ -325,3 +326,36 @@ def test_converted_block_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(converted)(x)
     assert explanation.graph_break_count == 0
     torch.testing.assert_close(torch.compile(converted)(x), block.train()(x))
+
+
+def test_hooks_side_effects_and_nesting_are_respected():
+    """A chain module with hooks (pruning's) is not fused; a forward that sets
+    its own attributes keeps its own forward; nested Sequentials count once."""
+    pruned = randomize(Block())
+    prune.l1_unstructured(pruned.conv1, "weight", amount=0.5)
+    x = torch.randn(2, 6, 5, 5)
+    expected = pruned.eval()(x)
+    converted, report = resfast.convert(pruned, inplace=True)  # a pruned module does not deepcopy
+    assert report.units == 1 and "conv1 has hooks" in report.skipped[0].reason
+    torch.testing.assert_close(converted(x), expected)
+
+    class Counting(Block):
+        def forward(self, x, skip=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(x, skip)
+
+    counting = Counting()
+    converted, report = resfast.convert(counting)
+    assert report.units == 0 and "sets attributes (calls)" in report.skipped[0].reason
+    assert "calls" not in counting.__dict__ and "calls" not in converted.__dict__
+    converted(x)
+    converted(x)
+    assert converted.calls == 2
+
+    nested = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()),
+                                                             nn.Conv2d(4, 4, 3)))
+    converted, report = resfast.convert(nested)
+    assert report.units == 1 and [r.name for r in report.replaced] == ["1"]
+    assert "forward" not in converted[1][0].__dict__
+    again, report = resfast.convert(converted)
+    assert report.units == 0 and report.skipped == []

@@ -17,6 +17,7 @@ Modules whose forward cannot be traced are left as they are, and reported.
 import copy
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from resfast.conversion.chains import FusedForward, default_signature, is_plain_sequential, plan_for
@@ -77,7 +78,10 @@ def register_rule(rule: Rule, first: bool = False):
     """Add a block rule `rule(module) -> Replacement | None` to those
     resfast.convert tries (the first that returns a Replacement wins; one
     that raises Unsupported(reason) leaves the module alone and reports why)."""
-    RULES.insert(0, rule) if first else RULES.append(rule)
+    if first:
+        RULES.insert(0, rule)
+    else:
+        RULES.append(rule)
 
 
 # ---------------------------------------------------------------- the walk
@@ -142,7 +146,8 @@ def _fuse_chains(module, name, report, fused) -> set:
     if not _may_hold_chain(module):
         return set()
     if "forward" in module.__dict__:
-        report.skipped.append(Skipped(name, type(module).__name__, "its forward is replaced on the instance"))
+        if not isinstance(module.__dict__["forward"], FusedForward):  # not converted already
+            report.skipped.append(Skipped(name, type(module).__name__, "its forward is replaced on the instance"))
         return set()
     signature = default_signature(module)
     if signature is None:
@@ -158,22 +163,24 @@ def _fuse_chains(module, name, report, fused) -> set:
             report.replaced.append(Replaced(name, " → ".join(chain.parts), "fused unit", 1))
             fused.update(id(module.get_submodule(path)) for path in (chain.norm, chain.conv))
         forward = FusedForward(module)
-        forward.add_plan(signature, scope, plan)
+        forward.add_plan(signature, scope, plan, torch.is_grad_enabled())
         module.forward = forward
     return plan.followed
 
 
-def _convert(module, name, report, fused, trace=True):
-    """fused: the ids of modules a fused chain applies (no rule swaps them: they are not called)."""
+def _convert(module, name, report, fused, followed):
+    """fused: the ids of modules a fused chain applies (no rule swaps them:
+    they are not called); followed: of the Sequentials an enclosing module's
+    trace followed into, at any depth (searched there, not traced again)."""
     if _is_resfast(module) or id(module) in fused:
         return module  # already fused: its submodules are parameter holders
     module, decided = _apply_rules(module, name, report)
     if decided:
         return module
-    # A Sequential the parent's trace followed into was searched there.
-    followed = _fuse_chains(module, name, report, fused) if trace else set()
+    if id(module) not in followed:
+        followed = followed | _fuse_chains(module, name, report, fused)
     for child_name, child in list(module.named_children()):
-        new = _convert(child, _qualified(name, child_name), report, fused, trace=id(child) not in followed)
+        new = _convert(child, _qualified(name, child_name), report, fused, followed)
         if new is not child:
             setattr(module, child_name, new)
     return module
@@ -205,11 +212,13 @@ def convert(model: nn.Module, inplace: bool = False, example_inputs=None):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    reference = copy.deepcopy(model) if example_inputs is not None else None
+    reference = model if example_inputs is not None and not inplace else None
+    if example_inputs is not None and inplace:
+        reference = copy.deepcopy(model)
     if not inplace:
         model = copy.deepcopy(model)
     report = Report()
-    model = _convert(model, "", report, set())
+    model = _convert(model, "", report, set(), frozenset())
     if reference is not None:
         report.saved_ratio = _saved_ratio(reference, model, example_inputs)
     return model, report

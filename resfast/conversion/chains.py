@@ -15,8 +15,13 @@ A trace bakes in Python-level decisions (`if self.training`, `if temb is not
 None`, `len(args)`), so FusedForward keeps one plan per call signature: the
 module's own plain attributes (training and other flags), grad mode, and the
 non-tensor arguments. A signature that cannot be keyed or traced runs the
-module's own forward. What it cannot see: Python-level randomness or global
-state read inside the forward, which the trace fixes.
+module's own forward, as does a forward that sets its own attributes. What
+the key cannot see, and the trace fixes: Python-level randomness or global
+state read inside the forward, `isinstance(x, torch.Tensor)` on an argument
+(False for a trace's proxies; `torch.is_tensor` is answered right), and
+changes inside the Sequentials a trace followed. The plans belong to one
+module object: `copy.copy` and nn.DataParallel's replicas would call the
+original module (copy.deepcopy and pickling are fine).
 """
 
 import contextlib
@@ -35,9 +40,21 @@ def is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Forward or backward hooks (pruning's, quantisation observers'): a
+    fused chain would not call the module, so they would never run."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 # ---------------------------------------------------------------- call signatures
 _TENSOR = "tensor"
 _VALUES = (bool, int, float, str, type(None))
+
+
+_MISSING = object()
+# Plans kept per module: beyond, a new signature (a float argument that
+# changes every call) runs the module's own forward.
+_MAX_PLANS = 32
 
 
 class _Unkeyable(Exception):
@@ -67,9 +84,11 @@ def _fill(spec, tensors):
 
 
 def _state(module):
-    """The module's own plain attributes (training, flags such as diffusers'
-    gradient_checkpointing), which its forward may branch on."""
-    return tuple((k, v) for k, v in module.__dict__.items() if isinstance(v, _VALUES))
+    """What the module's forward may branch on besides its arguments: its own
+    plain attributes (training, flags such as diffusers'
+    gradient_checkpointing) and which modules its children are."""
+    return (tuple((k, v) for k, v in module.__dict__.items() if isinstance(v, _VALUES)),
+            tuple(map(id, module._modules.values())))
 
 
 # ---------------------------------------------------------------- tracing
@@ -101,7 +120,8 @@ class _Tracer(fx.Tracer):
         self.followed = set()
 
     def is_leaf_module(self, m, qualname):
-        return not is_plain_sequential(m) or id(m) in self.leaves
+        # A Sequential with hooks stays one call, so its hooks still run.
+        return not is_plain_sequential(m) or id(m) in self.leaves or has_hooks(m)
 
     def call_module(self, m, forward, args, kwargs):
         if not self.is_leaf_module(m, ""):
@@ -137,7 +157,7 @@ class Plan:
     error: str = None
 
 
-def _describe(node, scope):
+def _describe(node):
     if node.op == "call_module":
         return node.target[2:]
     return getattr(node.target, "__name__", str(node.target))
@@ -155,7 +175,13 @@ def _chain_from(norm_node, scope):
             reasons.append(str(e))
             return "unsupported"
 
-    kind = kind_of(norm_kind, scope.get_submodule(norm_node.target))
+    def module(node):
+        m = scope.get_submodule(node.target)
+        if has_hooks(m):
+            reasons.append(f"{node.target[2:]} has hooks, which a fused unit would not run")
+        return m
+
+    kind = kind_of(norm_kind, module(norm_node))
     if kind is None:
         return None
     activation = None if kind == "unsupported" else kind[1]
@@ -167,21 +193,21 @@ def _chain_from(norm_node, scope):
             convs = [u for u in users if u.op == "call_module" and
                      kind_of(conv_kind, scope.get_submodule(u.target)) is not None]
             if convs:
-                parts = [_describe(n, scope) for n in nodes]
+                parts = [_describe(n) for n in nodes]
                 return parts, f"the normalised activation feeds {len(users)} consumers " \
-                              f"({', '.join(_describe(u, scope) for u in users)})"
+                              f"({', '.join(_describe(u) for u in users)})"
             return None
         user = users[0]
         if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
             return None
         if user.op == "call_module":
-            m = scope.get_submodule(user.target)
+            m = module(user)
             conv = kind_of(conv_kind, m)
             if conv is not None:
                 if len(user.args) != 1 or user.kwargs:
                     return None
                 nodes.append(user)
-                parts = [_describe(n, scope) for n in nodes]
+                parts = [_describe(n) for n in nodes]
                 if reasons:
                     return parts, reasons[0]
                 return Chain(nodes, activation or "identity", parts)
@@ -218,11 +244,23 @@ def _trace(module, args_spec, kwargs_spec, count, leaves=frozenset()):
     scope = _Scope(module, args_spec, kwargs_spec, count)
     tracer = _Tracer(leaves)
     plan = Plan()
+    before = dict(module.__dict__)
     try:
         with _proxies_are_tensors():
             plan.graph = tracer.trace(scope)
     except Exception as e:  # fx raises many kinds: TraceError, TypeError, RuntimeError, NameError...
         plan.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return scope, plan
+    finally:
+        # A forward that sets its own attributes (a counter, a cached input)
+        # would do so once, at the trace: undo it, and keep no plan.
+        changed = sorted(k for k in before.keys() | module.__dict__.keys()
+                         if module.__dict__.get(k, _MISSING) is not before.get(k, _MISSING))
+        if changed:
+            module.__dict__.clear()
+            module.__dict__.update(before)
+    if changed:
+        plan.error = f"the forward sets attributes ({', '.join(changed)})"
         return scope, plan
     plan.followed = tracer.followed
     constants = [n.target for n in plan.graph.nodes if n.op == "get_attr" and not n.target.startswith("m.")]
@@ -324,7 +362,8 @@ class FusedForward:
             return type(module).forward(module, *args, **kwargs)
         fn = self._plans.get(key)
         if fn is None:
-            fn = self._plans[key] = self._build(key[2], key[3], len(tensors))
+            fn = self._build(key[2], key[3], len(tensors)) if len(self._plans) < _MAX_PLANS else False
+            self._plans[key] = fn
         if fn is False:
             return type(module).forward(module, *args, **kwargs)
         return fn(_Root(module), tensors)
@@ -337,10 +376,9 @@ class FusedForward:
             return False
         return type(fx.GraphModule(scope, fused_graph(plan))).forward
 
-    def add_plan(self, key_specs, scope, plan):
-        """Install a plan already traced (at conversion) for its signature."""
-        args_spec, kwargs_spec, count = key_specs
-        key = (_state(self._module), True, args_spec, kwargs_spec)
+    def add_plan(self, signature, scope, plan, grad_enabled):
+        """Install a plan traced at conversion for its signature (args_spec, kwargs_spec, count)."""
+        key = (_state(self._module), grad_enabled, signature[0], signature[1])
         self._plans[key] = type(fx.GraphModule(scope, fused_graph(plan))).forward
 
     def __getstate__(self):
@@ -356,9 +394,7 @@ def default_signature(module):
         params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     except (TypeError, ValueError):
         return None
-    args = [torch.empty(0) for p in params
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
         return None
-    tensors = []
-    return _spec(tuple(args), tensors), _spec((), tensors), len(tensors)
+    count = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+    return (tuple, (_TENSOR,) * count), (tuple, ()), count

@@ -2,8 +2,9 @@
 modules (which do more than fuse each chain: a dense block on one buffer, a
 pre-activation shared by two convolutions), and nn.GroupNorm on resfast's
 kernels. Each rule maps a module to a Replacement or returns None; a rule that
-recognises a block it cannot map exactly raises Unsupported, or returns None
-when chain fusion (resfast.conversion.chains) covers it instead."""
+recognises a block it cannot map exactly raises Unsupported (reported), or
+returns None when chain fusion (resfast.conversion.chains) covers it instead
+(timm's pre-activation blocks)."""
 
 from dataclasses import dataclass
 from typing import Callable, Optional
