@@ -72,7 +72,7 @@ MODELS = [(f"torchvision {n}", _torchvision(n), _image) for n in
            "efficientnet_b0", "densenet121", "vgg11_bn")]
 MODELS += [(f"timm {n}", _timm(n), _image) for n in
            ("resnetv2_50", "resnetv2_50x1_bit", "resnetv2_50d_gn", "densenet121", "resnet50d", "resnet26t", "dpn68",
-            "dla34", "cspresnet50")]
+            "dla34", "regnetx_002", "cs3darknet_s", "cspresnet50", "mobilenetv3_small_100")]
 MODELS += [
     ("diffusers UNet2DModel", _diffusers_unet, lambda: (torch.randn(2, 3, 64, 64), torch.tensor([10, 500]))),
     ("diffusers UNet2DConditionModel", _diffusers_condition_unet,

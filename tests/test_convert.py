@@ -78,7 +78,7 @@ def test_bit_blocks_fuse_std_conv_and_group_norm_act(training):
     assert report.units == 4
     assert [(s.name, s.original) for s in report.skipped] == [("stages.0.blocks.0", "norm1"),
                                                                ("stages.1.blocks.0", "norm1")]
-    assert all("feeds 2 consumers (downsample, conv1)" in s.reason for s in report.skipped)
+    assert all("feeds 2 consumers (downsample.conv, conv1)" in s.reason for s in report.skipped)
     assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in before.items()}
     compare_models(converted.double(), original.double(), torch.randn(2, 3, 32, 32), training, dtype=torch.float64)
 

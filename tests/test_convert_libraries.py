@@ -83,12 +83,13 @@ def test_torchvision_relu6_is_reported():
 # ---------------------------------------------------------------- timm
 @TRAINING
 @pytest.mark.parametrize("name, units", [("resnet26t", 18), ("resnetv2_50d_gn", 46), ("densenet121", 119),
-                                         ("dla34", 14)])
+                                         ("dla34", 14), ("regnetx_002", 26)])
 def test_timm(name, units, training):
+    """regnetx: chains across timm's ConvNormAct layers."""
     torch.manual_seed(0)
     original = randomize(timm.create_model(name, num_classes=5)).double()
     converted = converted_copy(original, units, skipped=4 if name == "resnetv2_50d_gn" else 0)
-    compare_models(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), training,
+    compare_models(converted, original, torch.randn(4, 3, 32, 32, dtype=torch.float64), training,
                    dtype=torch.float64, tol=TOL)
 
 

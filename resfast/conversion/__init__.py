@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from resfast.conversion.chains import FusedForward, default_signature, is_plain_sequential, plan_for
+from resfast.conversion.chains import FusedForward, default_signature, is_layer, is_plain_sequential, plan_for
 from resfast.conversion.rules import RULES, Replacement, Rule
 from resfast.conversion.units import Unsupported, conv_kind, norm_kind
 
@@ -123,12 +123,12 @@ def _recognised(m, kind):
 
 
 def _may_hold_chain(module):
-    """Whether module holds (directly or in plain Sequentials) both a normalisation and a convolution."""
+    """Whether module holds (directly or in what its trace follows into) both a normalisation and a convolution."""
     found = set()
 
     def scan(m):
         for child in m.children():
-            if is_plain_sequential(child):
+            if is_plain_sequential(child) or is_layer(child):
                 scan(child)
             elif _recognised(child, norm_kind):
                 found.add("norm")
@@ -140,10 +140,10 @@ def _may_hold_chain(module):
 
 
 def _fuse_chains(module, name, report, fused) -> set:
-    """Trace module's forward, fuse its chains; the ids of the Sequentials the trace followed into."""
+    """Trace module's forward, fuse its chains; the ids of the Sequentials and layers the trace followed into."""
     # Only modules that may hold a chain are traced: a trace runs the forward's
     # Python (a norm's forward would count a batch).
-    if not _may_hold_chain(module):
+    if type(module).forward is nn.Module.forward or not _may_hold_chain(module):  # containers: ModuleList...
         return set()
     if "forward" in module.__dict__:
         if not isinstance(module.__dict__["forward"], FusedForward):  # not converted already

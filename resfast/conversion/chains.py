@@ -1,9 +1,10 @@
 """Norm → activation → conv chains found by tracing a module's forward with
 torch.fx, and fused in a forward generated from that trace.
 
-A module's forward is traced with plain nn.Sequentials followed into (a chain
-may span nested ones, as torchvision's Conv2dNormActivation stacks do) and
-every other submodule kept as one call. A chain is a normalisation whose
+A module's forward is traced with plain nn.Sequentials and conv → norm → act
+layers (timm's ConvNormAct) followed into, so a chain may span nested ones,
+as torchvision's Conv2dNormActivation stacks do; every other submodule stays
+one call. A chain is a normalisation whose
 output reaches one convolution and nothing else, through at most one
 activation and any pass-through modules. Where a chain lies wholly inside an
 nn.Sequential, that Sequential is where it is fused; a chain that crosses
@@ -19,7 +20,7 @@ module's own forward, as does a forward that sets its own attributes. What
 the key cannot see, and the trace fixes: Python-level randomness or global
 state read inside the forward, `isinstance(x, torch.Tensor)` on an argument
 (False for a trace's proxies; `torch.is_tensor` is answered right), and
-changes inside the Sequentials a trace followed. The plans belong to one
+changes inside the Sequentials and layers a trace followed. The plans belong to one
 module object: `copy.copy` and nn.DataParallel's replicas would call the
 original module (copy.deepcopy and pickling are fine).
 """
@@ -38,6 +39,29 @@ from resfast.conversion.units import Unsupported, activation_call_kind, activati
 
 def is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _is_part(m: nn.Module) -> bool:
+    """A module the chains are made of, or one that may end up inside them."""
+    for kind in (norm_kind, conv_kind, activation_module_kind, is_pass_through):
+        try:
+            if kind(m):
+                return True
+        except Unsupported:
+            return True
+    return False
+
+
+def is_layer(m: nn.Module) -> bool:
+    """A module of a library's own class made only of parts and torch.nn's own
+    modules: a conv → norm → act layer (timm's ConvNormAct) or a simple block.
+    Followed into like a Sequential, so a chain may start in one such layer
+    and end in the next; a chain wholly inside one is fused in its own
+    forward (see plan_for). Modules holding other custom modules stay single
+    calls."""
+    children = list(m.children())
+    return bool(children) and not _is_part(m) and not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and all(
+        _is_part(c) or (type(c).__module__.startswith("torch.nn.") and not list(c.children())) for c in children)
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -110,18 +134,20 @@ class _Scope(nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    """Follows plain nn.Sequentials into, except those in `leaves`; records
-    the ones it followed."""
+    """Follows plain nn.Sequentials into, and layers (is_layer) when
+    follow_layers, except the modules in `leaves` and those with hooks (so
+    their hooks still run); records the ones it followed."""
 
-    def __init__(self, leaves=frozenset()):
-        super().__init__(param_shapes_constant=False)
+    def __init__(self, leaves=frozenset(), follow_layers=True):
+        super().__init__()
         self.proxy_buffer_attributes = True  # a forward's buffer updates are recorded, not run
         self.leaves = leaves
+        self.follow_layers = follow_layers
         self.followed = set()
 
     def is_leaf_module(self, m, qualname):
-        # A Sequential with hooks stays one call, so its hooks still run.
-        return not is_plain_sequential(m) or id(m) in self.leaves or has_hooks(m)
+        followed = is_plain_sequential(m) or (self.follow_layers and is_layer(m))
+        return not followed or id(m) in self.leaves or has_hooks(m)
 
     def call_module(self, m, forward, args, kwargs):
         if not self.is_leaf_module(m, ""):
@@ -153,7 +179,7 @@ class Plan:
     graph: fx.Graph = None
     chains: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # (parts, reason)
-    followed: set = field(default_factory=set)  # ids of the Sequentials the trace followed into
+    followed: set = field(default_factory=set)  # ids of the Sequentials and layers the trace followed into
     error: str = None
 
 
@@ -240,11 +266,11 @@ def _proxies_are_tensors():
         torch.is_tensor = is_tensor
 
 
-def _trace(module, args_spec, kwargs_spec, count, leaves=frozenset()):
+def _trace(module, args_spec, kwargs_spec, count, leaves=frozenset(), follow_layers=True):
     scope = _Scope(module, args_spec, kwargs_spec, count)
-    tracer = _Tracer(leaves)
+    tracer = _Tracer(leaves, follow_layers)
     plan = Plan()
-    before = dict(module.__dict__)
+    before = {m: dict(m.__dict__) for m in module.modules()}
     try:
         with _proxies_are_tensors():
             plan.graph = tracer.trace(scope)
@@ -254,11 +280,14 @@ def _trace(module, args_spec, kwargs_spec, count, leaves=frozenset()):
     finally:
         # A forward that sets its own attributes (a counter, a cached input)
         # would do so once, at the trace: undo it, and keep no plan.
-        changed = sorted(k for k in before.keys() | module.__dict__.keys()
-                         if module.__dict__.get(k, _MISSING) is not before.get(k, _MISSING))
-        if changed:
-            module.__dict__.clear()
-            module.__dict__.update(before)
+        changed = []
+        for m, state in before.items():
+            keys = sorted(k for k in state.keys() | m.__dict__.keys()
+                          if m.__dict__.get(k, _MISSING) is not state.get(k, _MISSING))
+            if keys:
+                changed += keys
+                m.__dict__.clear()
+                m.__dict__.update(state)
     if changed:
         plan.error = f"the forward sets attributes ({', '.join(changed)})"
         return scope, plan
@@ -295,10 +324,18 @@ def _inside(path, container):
 
 def plan_for(module, args_spec, kwargs_spec, count):
     """Trace module for one call signature. A chain wholly inside one of the
-    Sequentials followed into belongs to that Sequential (fused where it is,
+    Sequentials or layers followed into belongs to it (fused where it is,
     so the block structure stays): the outermost such Sequentials that no
-    other chain crosses are traced again as single calls."""
+    other chain crosses are traced again as single calls. A forward that
+    does not trace with layers followed into may trace with them as calls
+    (the layer's own forward is what fails)."""
+    follow_layers = True
     scope, plan = _trace(module, args_spec, kwargs_spec, count)
+    if plan.error is not None:
+        follow_layers = False
+        retry = _trace(module, args_spec, kwargs_spec, count, follow_layers=False)
+        if retry[1].error is None:
+            scope, plan = retry
     if plan.error is not None or not plan.chains:
         return scope, plan
     ends = [(c.norm, c.conv) for c in plan.chains]
@@ -312,7 +349,7 @@ def plan_for(module, args_spec, kwargs_spec, count):
     if not leaves:
         return scope, plan
     ids = frozenset(id(module.get_submodule(c)) for c in leaves)
-    return _trace(module, args_spec, kwargs_spec, count, ids)
+    return _trace(module, args_spec, kwargs_spec, count, ids, follow_layers)
 
 
 def fused_graph(plan: Plan) -> fx.Graph:
