@@ -73,12 +73,16 @@ def has_hooks(m: nn.Module) -> bool:
 # ---------------------------------------------------------------- call signatures
 _TENSOR = "tensor"
 _VALUES = (bool, int, float, str, type(None))
+_PLAIN = frozenset(_VALUES)  # exact types: a per-call check, kept cheap
 
 
 _MISSING = object()
 # Plans kept per module: beyond, a new signature (a float argument that
 # changes every call) runs the module's own forward.
 _MAX_PLANS = 32
+
+
+_NO_KWARGS = (tuple, ())
 
 
 class _Unkeyable(Exception):
@@ -111,7 +115,7 @@ def _state(module):
     """What the module's forward may branch on besides its arguments: its own
     plain attributes (training, flags such as diffusers'
     gradient_checkpointing) and which modules its children are."""
-    return (tuple((k, v) for k, v in module.__dict__.items() if isinstance(v, _VALUES)),
+    return (tuple([(k, v) for k, v in module.__dict__.items() if type(v) in _PLAIN]),
             tuple(map(id, module._modules.values())))
 
 
@@ -387,23 +391,27 @@ class FusedForward:
 
     def __init__(self, module):
         self._module = module
+        self._root = _Root(module)
         self._plans = {}
 
     def __call__(self, *args, **kwargs):
         module = self._module
-        tensors = []
-        try:
-            key = (_state(module), torch.is_grad_enabled(), _spec(args, tensors),
-                   _spec(tuple(kwargs.items()), tensors))
-        except _Unkeyable:
-            return type(module).forward(module, *args, **kwargs)
+        if not kwargs and all(type(a) is torch.Tensor for a in args):  # the common call, keyed cheaply
+            tensors, args_spec, kwargs_spec = args, (tuple, (_TENSOR,) * len(args)), _NO_KWARGS
+        else:
+            tensors = []
+            try:
+                args_spec, kwargs_spec = _spec(args, tensors), _spec(tuple(kwargs.items()), tensors)
+            except _Unkeyable:
+                return type(module).forward(module, *args, **kwargs)
+        key = (_state(module), torch.is_grad_enabled(), args_spec, kwargs_spec)
         fn = self._plans.get(key)
         if fn is None:
-            fn = self._build(key[2], key[3], len(tensors)) if len(self._plans) < _MAX_PLANS else False
+            fn = self._build(args_spec, kwargs_spec, len(tensors)) if len(self._plans) < _MAX_PLANS else False
             self._plans[key] = fn
         if fn is False:
             return type(module).forward(module, *args, **kwargs)
-        return fn(_Root(module), tensors)
+        return fn(self._root, tensors)
 
     @torch.compiler.disable
     def _build(self, args_spec, kwargs_spec, count):
@@ -420,7 +428,7 @@ class FusedForward:
 
     def __getstate__(self):
         # Generated functions do not pickle; plans are traced again after loading.
-        return {"_module": self._module, "_plans": {}}
+        return {"_module": self._module, "_root": self._root, "_plans": {}}
 
 
 def default_signature(module):
@@ -434,4 +442,4 @@ def default_signature(module):
     if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
         return None
     count = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
-    return (tuple, (_TENSOR,) * count), (tuple, ()), count
+    return (tuple, (_TENSOR,) * count), _NO_KWARGS, count
