@@ -89,6 +89,9 @@ def test_timm(name, units, training):
     torch.manual_seed(0)
     original = randomize(timm.create_model(name, num_classes=5)).double()
     converted = converted_copy(original, units, skipped=4 if name == "resnetv2_50d_gn" else 0)
+    if name == "densenet121":  # dense blocks on one buffer, transitions with the fused unit
+        assert type(converted.features.denseblock1) is resfast.nn.DenseBlock
+        assert type(converted.features.transition1) is resfast.nn.Transition
     compare_models(converted, original, torch.randn(4, 3, 32, 32, dtype=torch.float64), training,
                    dtype=torch.float64, tol=TOL)
 

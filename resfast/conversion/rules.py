@@ -6,6 +6,7 @@ recognises a block it cannot map exactly raises Unsupported (reported), or
 returns None when chain fusion (resfast.conversion.chains) covers it instead
 (timm's pre-activation blocks)."""
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -153,6 +154,47 @@ def _torchvision_densenet(module: nn.Module) -> Optional[Replacement]:
     return None
 
 
+def _timm_densenet(module: nn.Module) -> Optional[Replacement]:
+    """timm's DenseNet DenseBlock and DenseTransition with BatchNormAct2d(ReLU)
+    norms → resfast's DenseBlock and Transition, as for torchvision's (the
+    norms become nn.BatchNorm2ds sharing their parameters and buffers; the
+    state-dict keys are the same). Other variants (another activation, an
+    anti-aliasing pool) are left to chain fusion."""
+    timm_densenet = sys.modules.get("timm.models.densenet")
+    if timm_densenet is None or type(module) not in (timm_densenet.DenseBlock, timm_densenet.DenseTransition):
+        return None
+    try:
+        if type(module) is timm_densenet.DenseTransition:
+            pool = module.pool
+            if type(module.conv) is not nn.Conv2d or type(pool) is not nn.AvgPool2d or \
+                    pool.kernel_size not in (2, (2, 2)) or pool.stride not in (2, (2, 2)) or \
+                    pool.padding not in (0, (0, 0)) or pool.ceil_mode:
+                return None
+            norm = _plain_batch_norm(module.norm, "norm")
+            with torch.device("meta"):
+                new = Transition(norm.num_features, module.conv.out_channels)
+            new.norm, new.conv = norm, module.conv
+            return Replacement(new.train(module.training), [("", "DenseTransition", "Transition")])
+        layers = list(module.values())
+        if any(type(layer) is not timm_densenet.DenseLayer for layer in layers):
+            return None
+        first = layers[0]
+        growth = first.conv2.out_channels
+        if {layer.drop_rate for layer in layers} != {first.drop_rate} or first.conv1.out_channels % growth or \
+                any(type(layer.conv1) is not nn.Conv2d or type(layer.conv2) is not nn.Conv2d for layer in layers):
+            return None
+        norms = [(_plain_batch_norm(layer.norm1, "norm1"), _plain_batch_norm(layer.norm2, "norm2"))
+                 for layer in layers]
+    except Unsupported:
+        return None
+    with torch.device("meta"):
+        new = DenseBlock(len(layers), first.norm1.num_features, first.conv1.out_channels // growth, growth,
+                         float(first.drop_rate))
+    for old, layer, (norm1, norm2) in zip(layers, new.children(), norms):
+        layer.norm1, layer.conv1, layer.norm2, layer.conv2 = norm1, old.conv1, norm2, old.conv2
+    return Replacement(new.train(module.training), [("", "DenseBlock", "DenseBlock")])
+
+
 def _group_norm(module: nn.Module) -> Optional[Replacement]:
     """nn.GroupNorm → resfast.nn.GroupNorm (a subclass with the same
     parameters), on resfast's kernels."""
@@ -164,4 +206,4 @@ def _group_norm(module: nn.Module) -> Optional[Replacement]:
     return Replacement(new.train(module.training), [("", "GroupNorm", "resfast GroupNorm")])
 
 
-RULES: list = [_timm_preact_block, _torchvision_densenet, _group_norm]
+RULES: list = [_timm_preact_block, _torchvision_densenet, _timm_densenet, _group_norm]
