@@ -359,3 +359,60 @@ def test_hooks_side_effects_and_nesting_are_respected():
     assert "forward" not in converted[1][0].__dict__
     again, report = resfast.convert(converted)
     assert report.units == 0 and report.skipped == []
+
+
+def test_plans_give_way_to_later_hooks_and_modes_and_keep_the_order():
+    """Hooks registered after conversion run (the plan steps aside), a
+    followed layer's own mode is honoured, and what runs between a norm and
+    its conv keeps its order."""
+    import torchvision
+
+    original = randomize(torchvision.models.resnet18(num_classes=5)).eval()
+    converted, _ = resfast.convert(original)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    converted.layer4[1].conv2.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    torch.testing.assert_close(converted(x), original(x))
+    assert len(seen) == 1
+
+    class Ordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.act = nn.ReLU()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.inplace = nn.ReLU(inplace=True)
+
+        def forward(self, x, y):
+            x = x * 1
+            a = self.bn(x)
+            b = self.bn(y)  # the shared norm's second call: running statistics in order
+            shortcut = self.inplace(x)  # changes the norm's input in place after the norm read it
+            return self.conv(self.act(a)) + shortcut + b
+
+    for training in (False, True):
+        block = randomize(Ordered()).double()
+        converted, report = resfast.convert(block)
+        assert report.units == 1
+        x, y = (torch.randn(2, 4, 5, 5, dtype=torch.float64) for _ in range(2))
+        assert_close(_run(converted, (x, y), training), _run(block, (x, y), training), torch.float64, "output")
+        for (name, b), c in zip(converted.named_buffers(), block.buffers()):
+            assert torch.allclose(b, c, rtol=1e-12, atol=1e-12), name
+
+    class Keyword(Block):
+        def forward(self, x, skip=None):
+            return self.conv1(torch.relu(self.norm1(input=x)))
+
+    _, report = resfast.convert(Keyword())
+    assert report.units == 0
+
+    layered = nn.Sequential(randomize(nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6))), nn.ReLU(),
+                            nn.Conv2d(6, 3, 1))
+    converted, report = resfast.convert(layered)
+    assert report.units == 1
+    converted.train()
+    converted[0][1].eval()  # frozen BatchNorm: the fused unit reads the norm's own mode
+    layered.train()
+    layered[0][1].eval()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(converted(x), layered(x))

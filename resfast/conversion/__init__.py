@@ -151,6 +151,8 @@ def _fuse_chains(module, name, report, fused) -> set:
         return set()
     signature = default_signature(module)
     if signature is None:
+        report.skipped.append(Skipped(name, type(module).__name__,
+                                      "its forward's signature (required keyword-only arguments) is not traced"))
         return set()
     scope, plan = plan_for(module, *signature)
     if plan.error is not None:

@@ -53,8 +53,9 @@ def _is_part(m: nn.Module) -> bool:
 
 
 def is_layer(m: nn.Module) -> bool:
-    """A module of a library's own class made only of parts and torch.nn's own
-    modules: a conv → norm → act layer (timm's ConvNormAct) or a simple block.
+    """A module of any class but torch.nn's containers made only of parts and
+    torch.nn's own modules: a conv → norm → act layer (timm's ConvNormAct) or
+    a simple block (torchvision's BasicBlock without a downsample).
     Followed into like a Sequential, so a chain may start in one such layer
     and end in the next; a chain wholly inside one is fused in its own
     forward (see plan_for). Modules holding other custom modules stay single
@@ -77,9 +78,9 @@ _PLAIN = frozenset(_VALUES)  # exact types: a per-call check, kept cheap
 
 
 _MISSING = object()
-# Plans kept per module: beyond, a new signature (a float argument that
-# changes every call) runs the module's own forward.
-_MAX_PLANS = 32
+# Plans kept per module (a float argument that changes every call would
+# otherwise add one each call).
+_MAX_PLANS = 32  # beyond, new signatures run the module's own forward, unstored
 
 
 _NO_KWARGS = (tuple, ())
@@ -114,9 +115,10 @@ def _fill(spec, tensors):
 def _state(module):
     """What the module's forward may branch on besides its arguments: its own
     plain attributes (training, flags such as diffusers'
-    gradient_checkpointing) and which modules its children are."""
+    gradient_checkpointing), which modules its children are and their
+    training modes."""
     return (tuple([(k, v) for k, v in module.__dict__.items() if type(v) in _PLAIN]),
-            tuple(map(id, module._modules.values())))
+            tuple([(id(c), c.training) for c in module._modules.values() if c is not None]))
 
 
 # ---------------------------------------------------------------- tracing
@@ -211,6 +213,8 @@ def _chain_from(norm_node, scope):
             reasons.append(f"{node.target[2:]} has hooks, which a fused unit would not run")
         return m
 
+    if len(norm_node.args) != 1 or norm_node.kwargs:
+        return None
     kind = kind_of(norm_kind, module(norm_node))
     if kind is None:
         return None
@@ -362,7 +366,10 @@ def fused_graph(plan: Plan) -> fx.Graph:
     graph = plan.graph
     for chain in plan.chains:
         norm_node, conv_node = chain.nodes[0], chain.nodes[-1]
-        with graph.inserting_before(conv_node):
+        # At the norm's place: what runs between the norm and the conv (an
+        # in-place op on the norm's input, another call of a shared norm)
+        # keeps its order relative to the normalisation.
+        with graph.inserting_before(norm_node.next):
             norm = graph.get_attr(norm_node.target)
             conv = graph.get_attr(conv_node.target)
             fused = graph.call_function(norm_act_conv, (norm_node.args[0], norm, conv, chain.activation))
@@ -381,6 +388,33 @@ class _Root:
 
     def __init__(self, module):
         self.m = module
+
+
+def _compile(scope, plan):
+    """(the generated forward, its guards): the modules the plan fused or
+    followed into, with their training modes at the trace. Hooks added to
+    them later, or a changed mode, send the call to the module's own forward."""
+    # A chain's own modules only need to stay hook-free: the fused op reads
+    # the norm's mode at each call.
+    guards = {id(m): (m, m.training) for m in scope.m.modules() if id(m) in plan.followed}
+    for chain in plan.chains:
+        for node in chain.nodes:
+            if node.op == "call_module":
+                m = scope.get_submodule(node.target)
+                guards.setdefault(id(m), (m, None))
+    return type(fx.GraphModule(scope, fused_graph(plan))).forward, tuple(guards.values())
+
+
+def _guards_hold(guards) -> bool:
+    if _global_hooks():
+        return False
+    return all((training is None or m.training is training) and not has_hooks(m) for m, training in guards)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
 
 class FusedForward:
@@ -405,26 +439,27 @@ class FusedForward:
             except _Unkeyable:
                 return type(module).forward(module, *args, **kwargs)
         key = (_state(module), torch.is_grad_enabled(), args_spec, kwargs_spec)
-        fn = self._plans.get(key)
-        if fn is None:
-            fn = self._build(args_spec, kwargs_spec, len(tensors)) if len(self._plans) < _MAX_PLANS else False
-            self._plans[key] = fn
-        if fn is False:
+        compiled = self._plans.get(key)
+        if compiled is None:
+            if len(self._plans) >= _MAX_PLANS:
+                return type(module).forward(module, *args, **kwargs)
+            compiled = self._plans[key] = self._build(args_spec, kwargs_spec, len(tensors))
+        if compiled is False or not _guards_hold(compiled[1]):
             return type(module).forward(module, *args, **kwargs)
-        return fn(self._root, tensors)
+        return compiled[0](self._root, tensors)
 
     @torch.compiler.disable
     def _build(self, args_spec, kwargs_spec, count):
-        """The generated forward for one signature, or False (run the module's own)."""
+        """The generated forward for one signature and its guards, or False (run the module's own)."""
         scope, plan = plan_for(self._module, args_spec, kwargs_spec, count)
         if plan.error is not None or not plan.chains:
             return False
-        return type(fx.GraphModule(scope, fused_graph(plan))).forward
+        return _compile(scope, plan)
 
     def add_plan(self, signature, scope, plan, grad_enabled):
         """Install a plan traced at conversion for its signature (args_spec, kwargs_spec, count)."""
         key = (_state(self._module), grad_enabled, signature[0], signature[1])
-        self._plans[key] = type(fx.GraphModule(scope, fused_graph(plan))).forward
+        self._plans[key] = _compile(scope, plan)
 
     def __getstate__(self):
         # Generated functions do not pickle; plans are traced again after loading.

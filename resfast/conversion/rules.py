@@ -106,6 +106,16 @@ def _adopt(new, old, names):
     return new.train(old.training)
 
 
+def _dense_geometry(conv1, conv2=None):
+    """What resfast's DenseLayer / Transition assume of the convolutions:
+    conv1 1x1, conv2 3x3 with padding 1, stride 1, no bias, no groups."""
+    def shaped(conv, k, p):
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (k, k) and conv.stride == (1, 1)
+                and conv.padding == (p, p) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+                and conv.padding_mode == "zeros")
+    return shaped(conv1, 1, 0) and (conv2 is None or shaped(conv2, 3, 1))
+
+
 def _check_plain(module, names, where):
     for name in names:
         m = getattr(module, name)
@@ -132,6 +142,8 @@ def _torchvision_densenet(module: nn.Module) -> Optional[Replacement]:
             _check_plain(layer, layer_modules, f"{name}.")
             if type(layer.relu1) is not nn.ReLU or type(layer.relu2) is not nn.ReLU:
                 raise Unsupported(f"{name} uses another activation than ReLU")
+            if not _dense_geometry(layer.conv1, layer.conv2):
+                raise Unsupported(f"{name}'s convolutions are not DenseNet's 1x1 and 3x3 (stride 1, no bias)")
         first = layers[0]
         growth = first.conv2.out_channels
         if {layer.drop_rate for layer in layers} != {first.drop_rate} or first.conv1.out_channels % growth:
@@ -146,7 +158,8 @@ def _torchvision_densenet(module: nn.Module) -> Optional[Replacement]:
         _check_plain(module, ("norm", "conv"), "")
         pool = module.pool
         if type(module.relu) is not nn.ReLU or type(pool) is not nn.AvgPool2d or pool.kernel_size not in (2, (2, 2)) \
-                or pool.stride not in (2, (2, 2)) or pool.padding not in (0, (0, 0)) or pool.ceil_mode:
+                or pool.stride not in (2, (2, 2)) or pool.padding not in (0, (0, 0)) or pool.ceil_mode \
+                or not _dense_geometry(module.conv):
             raise Unsupported("not BatchNorm → ReLU → conv1x1 → AvgPool2d(2, 2)")
         with torch.device("meta"):
             new = Transition(module.norm.num_features, module.conv.out_channels)
@@ -166,7 +179,7 @@ def _timm_densenet(module: nn.Module) -> Optional[Replacement]:
     try:
         if type(module) is timm_densenet.DenseTransition:
             pool = module.pool
-            if type(module.conv) is not nn.Conv2d or type(pool) is not nn.AvgPool2d or \
+            if not _dense_geometry(module.conv) or type(pool) is not nn.AvgPool2d or \
                     pool.kernel_size not in (2, (2, 2)) or pool.stride not in (2, (2, 2)) or \
                     pool.padding not in (0, (0, 0)) or pool.ceil_mode:
                 return None
@@ -181,7 +194,7 @@ def _timm_densenet(module: nn.Module) -> Optional[Replacement]:
         first = layers[0]
         growth = first.conv2.out_channels
         if {layer.drop_rate for layer in layers} != {first.drop_rate} or first.conv1.out_channels % growth or \
-                any(type(layer.conv1) is not nn.Conv2d or type(layer.conv2) is not nn.Conv2d for layer in layers):
+                not all(_dense_geometry(layer.conv1, layer.conv2) for layer in layers):
             return None
         norms = [(_plain_batch_norm(layer.norm1, "norm1"), _plain_batch_norm(layer.norm2, "norm2"))
                  for layer in layers]

@@ -113,7 +113,7 @@ def conv_kind(m: nn.Module):
         try:
             conv_padding(m.padding, m.kernel_size, m.dilation)
         except ValueError as e:
-            raise Unsupported(f"conv padding: {e}") from None
+            raise Unsupported(f"conv {e}") from None
         return "plain" if type(m) is nn.Conv2d else "standardised"
     if isinstance(m, nn.Conv2d):
         raise Unsupported(f"convolution {type(m).__name__} has its own forward")
@@ -125,6 +125,8 @@ def conv_weight(conv: nn.Conv2d) -> torch.Tensor:
     each output channel's weights in every forward, exactly as it does."""
     if type(conv) is nn.Conv2d:
         return conv.weight
+    if type(conv) is not getattr(_timm_layers(), "StdConv2d", None):
+        raise TypeError(f"conv: expected an nn.Conv2d or timm's StdConv2d, got {type(conv).__name__}")
     return F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, training=True, momentum=0.,
                         eps=conv.eps).reshape_as(conv.weight)
 
