@@ -1,20 +1,25 @@
 """resfast.convert on the models of torchvision, timm, diffusers, MONAI and
-segmentation_models_pytorch: units fused, patterns left alone, and the bytes
-saved for backward by one training forward (converted / original), on the
-CPU at 64x64, batch 2. Writes a JSON list; `--markdown` prints the table.
+segmentation_models_pytorch: units fused, patterns left alone, the bytes
+saved for backward by one training forward (converted / original), the
+training-step speed-up (original's time / converted's, interleaved medians)
+and whether a float64 training forward gives the same outputs; on the CPU at
+64x64, batch 2. Writes JSON; `--markdown` prints the table.
 
     python benchmarks/convert_models.py --json benchmarks/results/convert-models-DATE.json --markdown
 """
 
 import argparse
+import copy
 import json
-import platform
+import statistics
+import time
 import warnings
 from collections import Counter
 
 import torch
 
 import resfast
+from resfast.bench.__main__ import environment
 
 
 def _torchvision(name):
@@ -84,21 +89,59 @@ MODELS += [
 ]
 
 
-def measure(name, make, inputs):
+def _output(y):
+    return y.sample if hasattr(y, "sample") else y
+
+
+def _step(model, args, grad):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # dropout and stochastic depth: the same draws for both models
+    _output(model(*args)).backward(grad)
+
+
+def _step_ratio(model, converted, args, repeats):
+    """Training-step time, original / converted: interleaved, medians after warm-up."""
+    grad = torch.randn_like(_output(model(*args)))
+    times = {id(m): [] for m in (model, converted)}
+    for i in range(repeats + 2):
+        for m in (model, converted):
+            start = time.perf_counter()
+            _step(m, args, grad)
+            if i >= 2:
+                times[id(m)].append(time.perf_counter() - start)
+    return statistics.median(times[id(model)]) / statistics.median(times[id(converted)])
+
+
+def _equal(model, converted, args):
+    """Outputs of a float64 training forward agree to 1e-8 relative."""
+    model, converted = copy.deepcopy(model).double().train(), copy.deepcopy(converted).double().train()
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    ys = []
+    for m in (model, converted):
+        torch.manual_seed(0)
+        ys.append(_output(m(*args)))
+    return bool((ys[0] - ys[1]).abs().max() <= 1e-8 * ys[0].abs().max())
+
+
+def measure(name, make, inputs, repeats):
     torch.manual_seed(0)
     model = make()
-    converted, report = resfast.convert(model, example_inputs=inputs())
+    args = inputs()
+    converted, report = resfast.convert(model, example_inputs=args)
     reasons = Counter(s.reason for s in report.skipped)
     return {"model": name, "units": report.units, "skipped": len(report.skipped),
-            "saved_ratio": round(report.saved_ratio, 3), "reasons": dict(reasons)}
+            "saved_ratio": round(report.saved_ratio, 3), "equal": _equal(model, converted, args),
+            "step_speedup": round(_step_ratio(model.train(), converted.train(), args, repeats), 3),
+            "reasons": dict(reasons)}
 
 
 def markdown(rows):
-    lines = ["| model | units fused | left alone | saved activations |", "|---|---:|---:|---:|"]
+    lines = ["| model | units fused | left alone | saved activations | training step speed-up | equal |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         why = "; ".join(f"{n}× {reason[:70]}" for reason, n in r["reasons"].items())
         lines.append(f"| {r['model']} | {r['units']} | {r['skipped']}{' (' + why + ')' if why else ''} | "
-                     f"{r['saved_ratio']:.2f}× |")
+                     f"{r['saved_ratio']:.2f}× | {r['step_speedup']:.2f}× | {'yes' if r['equal'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -106,21 +149,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--repeats", type=int, default=7, help="timed training steps per model (medians)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     rows = []
     for name, make, inputs in MODELS:
         try:
-            rows.append(measure(name, make, inputs))
+            rows.append(measure(name, make, inputs, args.repeats))
         except ImportError as e:
             print(f"{name}: skipped ({e})")
             continue
         print(rows[-1])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "input": "64x64, batch 2, training forward, float32", "rows": rows}, f, indent=1)
+            json.dump({"environment": environment(torch.device("cpu")), "input": "64x64, batch 2, float32, training",
+                       "rows": rows}, f, indent=1)
     if args.markdown:
         print(markdown(rows))
 
