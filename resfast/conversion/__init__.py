@@ -4,8 +4,8 @@ parameters and buffers under the same names.
 
 Two mechanisms, tried on every module from the outermost in:
 1. block rules (resfast.conversion.rules): known blocks become resfast's own
-   modules, which do more than fuse each chain (torchvision's dense blocks on
-   one buffer, timm's pre-activation blocks);
+   modules, which do more than fuse each chain (torchvision's and timm's dense
+   blocks on one buffer, timm's pre-activation blocks);
 2. chain fusion (resfast.conversion.chains): the module's forward is traced
    with torch.fx and every chain in it (a BatchNorm / SyncBatchNorm / GroupNorm
    / timm BatchNormAct2d / GroupNormAct, then at most one ReLU or SiLU, then a

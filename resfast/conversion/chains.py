@@ -1,30 +1,32 @@
 """Norm → activation → conv chains found by tracing a module's forward with
 torch.fx, and fused in a forward generated from that trace.
 
-A module's forward is traced with plain nn.Sequentials and conv → norm → act
-layers (timm's ConvNormAct) followed into, so a chain may span nested ones,
-as torchvision's Conv2dNormActivation stacks do; every other submodule stays
-one call. A chain is a normalisation whose
-output reaches one convolution and nothing else, through at most one
-activation and any pass-through modules. Where a chain lies wholly inside an
-nn.Sequential, that Sequential is where it is fused; a chain that crosses
-module boundaries is fused in the forward of the module holding both ends.
+A module's forward is traced with plain nn.Sequentials and layers made only
+of chain parts and torch.nn modules (timm's ConvNormAct) followed into, so a
+chain may span nested ones, as torchvision's Conv2dNormActivation stacks do;
+every other submodule stays one call, and so does any module with hooks. A
+chain is a normalisation whose output reaches one convolution and nothing
+else, through at most one activation and any pass-through modules. A chain
+wholly inside a followed Sequential or layer is fused there, in that
+module's own forward; one that crosses module boundaries is fused in the
+forward of the module holding both ends.
 
 The module keeps its class, submodules, parameters and buffers (state dict
 keys are unchanged); only its `forward` attribute is set, to a FusedForward.
 A trace bakes in Python-level decisions (`if self.training`, `if temb is not
 None`, `len(args)`), so FusedForward keeps one plan per call signature: the
-module's own plain attributes (training and other flags), grad mode, and the
-non-tensor arguments. A signature that cannot be keyed or traced runs the
-module's own forward, as does a forward that sets its own attributes. What
+module's own plain attributes, its children and their modes, grad mode, and
+the non-tensor arguments. A plan steps aside (the module's own forward runs)
+when a module it fused or followed into gains hooks or a followed module
+changes mode; a signature that cannot be keyed or traced, or a forward that
+sets attributes during the trace, runs the module's own forward too. What
 the key cannot see, and the trace fixes: Python-level randomness or global
 state read inside the forward, `isinstance(x, torch.Tensor)` on an argument
 (False for a trace's proxies; `torch.is_tensor` is answered right), and
-changes inside the Sequentials and layers a trace followed. The plans belong to one
+other changes inside the modules a trace followed. The plans belong to one
 module object: `copy.copy` and nn.DataParallel's replicas would call the
 original module (copy.deepcopy and pickling are fine).
 """
-
 import contextlib
 import inspect
 from dataclasses import dataclass, field
@@ -75,15 +77,12 @@ def has_hooks(m: nn.Module) -> bool:
 _TENSOR = "tensor"
 _VALUES = (bool, int, float, str, type(None))
 _PLAIN = frozenset(_VALUES)  # exact types: a per-call check, kept cheap
-
-
+_NO_KWARGS = (tuple, ())
 _MISSING = object()
 # Plans kept per module (a float argument that changes every call would
-# otherwise add one each call).
-_MAX_PLANS = 32  # beyond, new signatures run the module's own forward, unstored
-
-
-_NO_KWARGS = (tuple, ())
+# otherwise add one each call); beyond, new signatures run the module's own
+# forward, unstored.
+_MAX_PLANS = 32
 
 
 class _Unkeyable(Exception):
@@ -333,8 +332,8 @@ def _inside(path, container):
 def plan_for(module, args_spec, kwargs_spec, count):
     """Trace module for one call signature. A chain wholly inside one of the
     Sequentials or layers followed into belongs to it (fused where it is,
-    so the block structure stays): the outermost such Sequentials that no
-    other chain crosses are traced again as single calls. A forward that
+    so the block structure stays): the outermost such modules that no other
+    chain crosses are traced again as single calls. A forward that
     does not trace with layers followed into may trace with them as calls
     (the layer's own forward is what fails)."""
     follow_layers = True
