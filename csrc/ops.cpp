@@ -60,7 +60,7 @@ TORCH_LIBRARY(resfast, m) {
       "Tensor? batch_invstd, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, Tensor grad_weight)");
   // GroupNorm of an (N, C, H, W) tensor with G = num_groups groups of C / G
-  // channels, followed by an activation ("identity", "relu", "silu"):
+  // channels, followed by an activation ("identity", "relu", "relu6", "silu"):
   //   y = act((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]).
   // mean and rstd = 1 / sqrt(var + eps) (biased variance) are (N, G), float32
   // (float64 for float64 input); weight/bias are optional (C,) vectors of x's

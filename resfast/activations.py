@@ -5,12 +5,12 @@ C++ kernels."""
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "silu")
+ACTIVATIONS = ("identity", "relu", "silu", "relu6")
 
 
 def check_activation(activation):
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected 'identity', 'relu' or 'silu', got {activation!r}")
+        raise ValueError(f"activation: expected 'identity', 'relu', 'relu6' or 'silu', got {activation!r}")
 
 
 def activation_code(activation) -> int:
@@ -23,6 +23,8 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
         return F.relu(z)
     if activation == "silu":
         return F.silu(z)
+    if activation == "relu6":
+        return F.relu6(z)
     return z
 
 
@@ -33,4 +35,6 @@ def activation_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
+    if activation == "relu6":
+        return (~((z <= 0) | (z >= 6))).to(z.dtype)  # torch's hardtanh_backward: 1 at NaN
     return torch.ones_like(z)

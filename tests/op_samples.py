@@ -135,6 +135,7 @@ _UNITS = [
     ("k3s2-g2-identity", 1, 4, 7, 5, 6, 3, 2, 1, 1, 2, "identity", "nchw", False, True, "channel"),
     ("k3d2-slice", 2, 4, 6, 6, 3, 3, 1, 2, 2, 1, "relu", "slice", True, False, "channel"),
     ("gn-k3-cl-silu", 2, 4, 5, 4, 6, 3, 1, 1, 1, 1, "silu", "channels_last", True, True, "sample"),
+    ("k3-cl-relu6", 2, 4, 5, 4, 6, 3, 1, 1, 1, 1, "relu6", "channels_last", False, True, "channel"),
 ]
 
 

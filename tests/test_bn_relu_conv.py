@@ -135,7 +135,7 @@ def test_unit_autocast_matches_torch_modules(backend, device):
     assert_close(unit.bn.running_var, eager[0].running_var, torch.float32, "autocast running_var")
 
 
-@pytest.mark.parametrize("activation", ["relu", "silu", "identity"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "identity", "relu6"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_float64(activation, training):
     torch.manual_seed(1)
@@ -153,6 +153,34 @@ def test_gradcheck_float64(activation, training):
                                                  residual=res)
 
     assert torch.autograd.gradcheck(f, (x, bn_w, bn_b, w, b, res))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu6_clips_at_both_ends(training):
+    """BatchNorm → ReLU6 → conv against torch's modules in float64, with the
+    normalised values spread over [-12, 12] so both of ReLU6's kinks are crossed."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 5, 3, padding=1)).double()
+    with torch.no_grad():
+        eager[0].weight.uniform_(3.0, 4.0)
+        eager[0].bias.uniform_(-1.0, 3.0)
+        eager[0].running_var.uniform_(0.5, 1.5)
+    unit = resfast.nn.BNReLUConv2d.from_modules(copy.deepcopy(eager[0]), copy.deepcopy(eager[2]), "relu6")
+    unit.train(training)
+    eager.train(training)
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = eager(xa), unit(xb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    z = eager[0](x) if not training else None
+    assert z is None or ((z > 6).any() and (z < 0).any())
+    assert_close(yb, ya, torch.float64, "output")
+    assert_close(xb.grad, xa.grad, torch.float64, "grad input")
+    for (name, p), q in zip(unit.named_parameters(), [eager[0].weight, eager[0].bias, eager[2].weight,
+                                                       eager[2].bias]):
+        assert_close(p.grad, q.grad, torch.float64, f"grad {name}")
 
 
 def test_saved_activation_memory_at_most_055x_eager():

@@ -74,10 +74,13 @@ def test_torchvision(name, units, training):
         compare_models(converted, original, x, training, dtype=torch.float64, tol=TOL)
 
 
-def test_torchvision_relu6_is_reported():
-    _, report = resfast.convert(torchvision.models.mobilenet_v2(num_classes=5))
-    assert report.units == 0 and len(report.skipped) == 33
-    assert all("ReLU6" in s.reason for s in report.skipped)
+@TRAINING
+def test_torchvision_mobilenet_v2_relu6(training):
+    """Inverted residuals: BatchNorm → ReLU6 → depthwise and pointwise convolutions."""
+    torch.manual_seed(0)
+    original = randomize(torchvision.models.mobilenet_v2(num_classes=5)).double()
+    converted = converted_copy(original, 33)
+    compare_outputs(converted, original, (torch.randn(4, 3, 32, 32, dtype=torch.float64),), training)
 
 
 # ---------------------------------------------------------------- timm

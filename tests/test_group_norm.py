@@ -14,7 +14,7 @@ from resfast.bench.timing import saved_activation_bytes
 from utils import assert_close
 
 BACKENDS = list(dict.fromkeys(b for b, _ in available_backends()))
-ACTS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}
+ACTS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu, "relu6": F.relu6}
 CL = torch.channels_last
 
 # (N, C, H, W, num_groups): odd sizes, groups of 1 channel and of all of them.
@@ -48,7 +48,7 @@ def check_against_float64(backend, shape, activation, fmt, dtype=torch.float32, 
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-@pytest.mark.parametrize("activation", ["identity", "relu", "silu"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "silu", "relu6"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64(backend, activation, fmt, shape, poison_empty):

@@ -19,7 +19,8 @@ Activation parse_activation(c10::string_view activation) {
   if (activation == "identity") return Activation::Identity;
   if (activation == "relu") return Activation::ReLU;
   if (activation == "silu") return Activation::SiLU;
-  TORCH_CHECK_VALUE(false, "activation: expected 'identity', 'relu' or 'silu', got '",
+  if (activation == "relu6") return Activation::ReLU6;
+  TORCH_CHECK_VALUE(false, "activation: expected 'identity', 'relu', 'relu6' or 'silu', got '",
                     std::string(activation), "'");
 }
 

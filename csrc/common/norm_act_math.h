@@ -15,7 +15,7 @@
 namespace resfast {
 
 // Codes of the `activation` string argument of the ops (see ops.cpp).
-enum class Activation : int { Identity = 0, ReLU = 1, SiLU = 2 };
+enum class Activation : int { Identity = 0, ReLU = 1, SiLU = 2, ReLU6 = 3 };
 
 #if !defined(__CUDA_ARCH__)
 // exp_vectorizable's clamp bounds, -87 and 89 (norm_act_math.cpp). Their
@@ -80,13 +80,17 @@ RESFAST_HD acc_t activate(acc_t z) {
   } else if constexpr (A == Activation::SiLU) {
     // As torch writes it; one division and no multiply after it.
     return z / (acc_t(1) + exp_vectorizable(-z));
+  } else if constexpr (A == Activation::ReLU6) {
+    // torch's hardtanh(z, 0, 6): NaN passes through.
+    return z < acc_t(0) ? acc_t(0) : (z > acc_t(6) ? acc_t(6) : z);
   } else {
     return z;
   }
 }
 
 // grad * act'(z). ReLU'(0) is 0 and ReLU'(NaN) is 1, as torch's
-// threshold_backward (grad where not z <= 0) defines them.
+// threshold_backward (grad where not z <= 0) defines them; ReLU6' is 0 at 0
+// and 6 and 1 at NaN, as hardtanh_backward's.
 template <Activation A, typename acc_t>
 RESFAST_HD acc_t activation_backward(acc_t z, acc_t grad) {
   if constexpr (A == Activation::ReLU) {
@@ -94,6 +98,8 @@ RESFAST_HD acc_t activation_backward(acc_t z, acc_t grad) {
   } else if constexpr (A == Activation::SiLU) {
     const acc_t s = sigmoid(z);
     return grad * s * (acc_t(1) + z * (acc_t(1) - s));
+  } else if constexpr (A == Activation::ReLU6) {
+    return (z <= acc_t(0) || z >= acc_t(6)) ? acc_t(0) : grad;
   } else {
     return grad;
   }

@@ -46,6 +46,8 @@ void dispatch_activation(Activation act, const F& f) {
       return f(ActivationTag<Activation::ReLU>{});
     case Activation::SiLU:
       return f(ActivationTag<Activation::SiLU>{});
+    case Activation::ReLU6:
+      return f(ActivationTag<Activation::ReLU6>{});
     default:
       return f(ActivationTag<Activation::Identity>{});
   }

@@ -8,7 +8,7 @@ Two mechanisms, tried on every module from the outermost in:
    blocks on one buffer, timm's pre-activation blocks);
 2. chain fusion (resfast.conversion.chains): the module's forward is traced
    with torch.fx and every chain in it (a BatchNorm / SyncBatchNorm / GroupNorm
-   / timm BatchNormAct2d / GroupNormAct, then at most one ReLU or SiLU, then a
+   / timm BatchNormAct2d / GroupNormAct, then at most one ReLU, ReLU6 or SiLU, then a
    Conv2d or timm StdConv2d) whose normalised activation feeds only that
    convolution is fused, in a forward generated from the trace.
 Modules whose forward cannot be traced are left as they are, and reported.

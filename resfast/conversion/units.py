@@ -30,11 +30,11 @@ def _timm_layers():
 
 
 # ------------------------------------------------------------- activations
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
-_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.silu: "silu"}
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu"}
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu"}
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 # Recognised but not fused (resfast's kernels apply identity, ReLU and SiLU only).
-_OTHER_ACTIVATIONS = (nn.ReLU6, nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid)
+_OTHER_ACTIVATIONS = (nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid)
 
 
 def activation_module_kind(m: nn.Module):
@@ -44,7 +44,7 @@ def activation_module_kind(m: nn.Module):
     if kind is not None:
         return kind
     if isinstance(m, _OTHER_ACTIVATIONS):
-        raise Unsupported(f"activation {type(m).__name__} (resfast fuses ReLU, SiLU or none)")
+        raise Unsupported(f"activation {type(m).__name__} (resfast fuses ReLU, ReLU6, SiLU or none)")
     return None
 
 
@@ -79,7 +79,7 @@ def _folded_activation(norm, where):
         return "identity"
     kind = activation_module_kind(norm.act)
     if kind is None:
-        raise Unsupported(f"{where} applies {type(norm.act).__name__} (resfast fuses ReLU, SiLU or none)")
+        raise Unsupported(f"{where} applies {type(norm.act).__name__} (resfast fuses ReLU, ReLU6, SiLU or none)")
     return kind
 
 

@@ -30,6 +30,8 @@ def _act(z, ACT: tl.constexpr):
         z = tl.where(z < 0.0, 0.0, z)  # NaN passes through, as in torch.relu
     elif ACT == 2:
         z = z * tl.sigmoid(z)
+    elif ACT == 3:
+        z = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))  # torch's hardtanh(z, 0, 6)
     return z
 
 
@@ -40,6 +42,8 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == 2:
         s = tl.sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
+    elif ACT == 3:
+        d = tl.where((z <= 0.0) | (z >= 6.0), 0.0, 1.0)  # hardtanh_backward: 1 at NaN
     else:
         d = tl.full(z.shape, 1.0, tl.float32)
     return d

@@ -21,7 +21,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class GroupNormAct(nn.GroupNorm):
-    """act(GroupNorm(x)) in one pass, act in {"identity", "relu", "silu"};
+    """act(GroupNorm(x)) in one pass, act in {"identity", "relu", "relu6", "silu"};
     parameters and state_dict as nn.GroupNorm. The backward recomputes the
     activation's input from x: one saved tensor where GroupNorm followed by
     nn.SiLU saves two."""
