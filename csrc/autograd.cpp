@@ -81,7 +81,9 @@ variable_list unit_backward(AutogradContext* ctx, const at::Tensor& grad_out) {
   const bool has_bias = ctx->saved_data["has_bias"].toBool();
   if (has_bias && ctx->needs_input_grad(5)) {
     const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    grad_bias = grad_out.sum({0, 2, 3}, false, acc).to(ctx->saved_data["bias_dtype"].toScalarType());
+    std::vector<int64_t> reduced{0};
+    for (int64_t d = 2; d < grad_out.dim(); ++d) reduced.push_back(d);
+    grad_bias = grad_out.sum(reduced, false, acc).to(ctx->saved_data["bias_dtype"].toScalarType());
   }
   if (ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(has_bias ? 6 : 5)) {
     grad_residual = grad_out;

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "ops.h"
 
 namespace resfast {
@@ -44,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine(
   const auto acc = accumulation_type(x.scalar_type());
   at::Tensor mean, invstd;
   if (training) {
-    const int64_t count = x.size(0) * x.size(2) * x.size(3);
+    const int64_t count = x.size(0) * spatial_numel(x);
     at::Tensor var;
     if (check_batch_stats(x, batch_mean, batch_var)) {
       mean = batch_mean->clone();

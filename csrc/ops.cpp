@@ -9,7 +9,9 @@ TORCH_LIBRARY(resfast, m) {
   m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("channel_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
 
-  // y = conv2d(act((x - mean) * scale + shift), weight, bias) + residual.
+  // y = conv(act((x - mean) * scale + shift), weight, bias) + residual, a 2-D
+  // convolution for 4-D x and weight, 3-D for 5-D ones (the ops' names say
+  // conv2d, which came first).
   // mean/scale/shift are per channel, shape (C,), or per sample and channel,
   // shape (N, C). The activation is rounded to weight's dtype before the
   // convolution, so x may be float32 with a half/bfloat16 weight (autocast).

@@ -55,10 +55,12 @@ def test_functional_rejects(x, overrides, error, match):
 
 def test_module_rejects_wrong_channels_and_rank():
     unit = resfast.nn.BNReLUConv2d(4, 6, 3, padding=1)
-    with pytest.raises(ValueError, match="weight: expected in_channels/groups = 3"):
+    with pytest.raises(ValueError, match=r"x: expected 4 channels for BNReLUConv2d, got shape \(2, 3, 5, 5\)"):
         unit(torch.randn(2, 3, 5, 5))
     with pytest.raises(ValueError, match="x: expected a 4-D"):
         unit(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match=r"x: expected a 4-D \(N, C, H, W\) tensor for BNReLUConv2d, got 5-D"):
+        unit(torch.randn(2, 4, 5, 5, 5))
 
 
 def test_from_modules_rejects_mismatch():

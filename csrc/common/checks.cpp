@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "layout.h"
@@ -30,8 +31,9 @@ void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* nam
 }
 
 void check_activation_input(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() == 4, name, ": expected a 4-D (N, C, H, W) tensor, got ", x.dim(),
-                    "-D with shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 5, name,
+                    ": expected a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got ", x.dim(), "-D with shape ",
+                    x.sizes());
   const auto t = x.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
                    name, ": expected float32, float16, bfloat16 or float64, got ", t);
@@ -60,7 +62,7 @@ void check_batch_norm_args(const at::Tensor& x, const std::optional<at::Tensor>&
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "running_mean, running_var: expected both or neither");
   if (training) {
-    TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) != 1,
+    TORCH_CHECK_VALUE(x.size(0) * spatial_numel(x) != 1,
                       "Expected more than 1 value per channel when training, got input size ", x.sizes());
   }
 }
@@ -136,7 +138,9 @@ void check_stats_backward_args(const at::Tensor& x, const at::Tensor& mean, cons
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK_VALUE(weight.dim() == 4, "weight: expected a 4-D (out_channels, in_channels/groups, kH, kW) tensor, got shape ",
+  const int64_t dims = x.dim() - 2;
+  TORCH_CHECK_VALUE(weight.dim() == x.dim(), "weight: expected a ", x.dim(), "-D (out_channels, in_channels/groups, ",
+                    dims == 2 ? "kH, kW" : "kD, kH, kW", ") tensor for ", x.dim(), "-D input, got shape ",
                     weight.sizes());
   check_same_device(x, weight, "weight");
   TORCH_CHECK_VALUE(groups > 0, "groups: expected a positive integer, got ", groups);
@@ -146,14 +150,15 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArra
   TORCH_CHECK_VALUE(weight.size(1) * groups == x.size(1), "weight: expected in_channels/groups = ",
                     x.size(1) / groups, " in dim 1 for input of shape ", x.sizes(), ", got shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
-                    "stride: expected two positive integers, got ", stride);
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-                    "padding: expected two non-negative integers, got ", padding);
-  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
-                    "dilation: expected two positive integers, got ", dilation);
+  const char* count = dims == 2 ? "two" : "three";
+  const auto all = [dims](c10::IntArrayRef v, int64_t low) {
+    return static_cast<int64_t>(v.size()) == dims && std::all_of(v.begin(), v.end(), [low](int64_t e) { return e >= low; });
+  };
+  TORCH_CHECK_VALUE(all(stride, 1), "stride: expected ", count, " positive integers, got ", stride);
+  TORCH_CHECK_VALUE(all(padding, 0), "padding: expected ", count, " non-negative integers, got ", padding);
+  TORCH_CHECK_VALUE(all(dilation, 1), "dilation: expected ", count, " positive integers, got ", dilation);
   const auto out_size = conv_output_size(x, weight, stride, padding, dilation);
-  TORCH_CHECK_VALUE(out_size[0] > 0 && out_size[1] > 0, "input: spatial size ", x.sizes(),
+  TORCH_CHECK_VALUE(*std::min_element(out_size.begin(), out_size.end()) > 0, "input: spatial size ", x.sizes(),
                     " (padded) is smaller than the dilated kernel ", weight.sizes());
 }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 #include "channel_stats.h"
 
 namespace resfast::cpu {
@@ -72,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_affine(
     if (training) {
       const auto m = vector<acc_t>(stats_mean, 0), v = vector<acc_t>(stats_var, 0);
       std::vector<double> new_mean(c), new_var(c);
-      const int64_t count = x.size(0) * x.size(2) * x.size(3);
+      const int64_t count = x.size(0) * spatial_numel(x);
       const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
       for (int64_t k = 0; k < c; ++k) {
         pm[k] = m[k];

@@ -1,5 +1,6 @@
-// Parallel loops over an (N, C, H, W) tensor that is NCHW- or channels_last-
-// contiguous, for kernels whose math depends on each element's sample n and
+// Parallel loops over an (N, C, H, W) or (N, C, D, H, W) tensor that is
+// NC(D)HW- or channels_last(_3d)-contiguous (its spatial dims are one run of
+// `hw` positions), for kernels whose math depends on each element's sample n and
 // channel c. A kernel sees contiguous runs so its inner loops vectorise:
 //   NCHW:          plane(n, c, offset, x_offset, length): the H*W values of one (n, c);
 //   channels_last: row(n, offset, x_offset): the C values of one pixel of sample n.
@@ -31,24 +32,37 @@ struct Geometry {
   int64_t x_row(int64_t sample, int64_t pixel) const { return sample * x_sample_stride + pixel * x_pixel_stride; }
 };
 
-// Elements between a channels_last x's pixels (a size-1 dim's stride is arbitrary).
+// Elements between a channels_last x's pixels: the stride of its last spatial
+// dim longer than 1 (a size-1 dim's stride is arbitrary).
 inline int64_t pixel_stride(const at::Tensor& x) {
-  if (x.size(3) > 1) return x.stride(3);
-  if (x.size(2) > 1) return x.stride(2);
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) > 1) return x.stride(d);
+  }
   return x.size(1);
 }
 
-// Whether the kernels can read x where it lies: NCHW planes or channels_last
+// Whether the spatial dims of x are laid out densely, `innermost` elements
+// apart in the last one (size-1 dims may have any stride).
+inline bool dense_spatial(const at::Tensor& x, int64_t innermost) {
+  int64_t expected = innermost;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) > 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return true;
+}
+
+// Whether the kernels can read x where it lies: NC(D)HW planes or channels_last
 // pixel rows contiguous, any sample (and pixel) stride, as in x[:, :C] of a
 // wider tensor in either layout.
 inline bool kernel_readable(const at::Tensor& x) {
-  if (x.dim() != 4) return false;
-  const int64_t c = x.size(1), h = x.size(2), w = x.size(3);
-  if (kernel_format(x) == at::MemoryFormat::ChannelsLast) {
+  if (x.dim() != 4 && x.dim() != 5) return false;
+  const int64_t c = x.size(1);
+  if (is_channels_last(kernel_format(x))) {
     const int64_t p = pixel_stride(x);
-    return (c == 1 || x.stride(1) == 1) && p >= c && (w == 1 || x.stride(3) == p) && (h == 1 || x.stride(2) == w * p);
+    return (c == 1 || x.stride(1) == 1) && p >= c && dense_spatial(x, p);
   }
-  return (w == 1 || x.stride(3) == 1) && (h == 1 || x.stride(2) == w) && (c == 1 || x.stride(1) == h * w);
+  return dense_spatial(x, 1) && (c == 1 || x.stride(1) == spatial_numel(x));
 }
 
 // x itself when the kernels can read it, else a copy in its kernel format.
@@ -59,8 +73,8 @@ inline at::Tensor kernel_input(const at::Tensor& x) {
 // The loop geometry of x laid out densely in its kernel format (what
 // x.contiguous(kernel_format(x)) gives).
 inline Geometry dense_geometry(const at::Tensor& x) {
-  const bool channels_last = kernel_format(x) == at::MemoryFormat::ChannelsLast;
-  const int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  const bool channels_last = is_channels_last(kernel_format(x));
+  const int64_t c = x.size(1), hw = spatial_numel(x);
   return {x.size(0), c, hw, channels_last, c * hw, channels_last ? c : 0};
 }
 

@@ -73,11 +73,12 @@ at::Tensor chunk_matrix(const at::Tensor& buffer, const Geometry& g, int64_t len
   return g.channels_last ? flat.view({len, g.c}) : flat.view({g.c, len});
 }
 
-// A dense tensor laid out like x, (N, K, H, W), seen per chunk: (positions,
-// K) rows (channels_last) or a (K, positions) block of sample n (NCHW).
+// A dense tensor laid out like x, (N, K, H, W) or (N, K, D, H, W), seen per
+// chunk: (positions, K) rows (channels_last) or a (K, positions) block of
+// sample n (NCHW).
 at::Tensor chunk_of(const at::Tensor& t, const Geometry& g, int64_t n, int64_t p0, int64_t len) {
   const int64_t k = t.size(1);
-  if (g.channels_last) return t.permute({0, 2, 3, 1}).reshape({g.n * g.hw, k}).narrow(0, n * g.hw + p0, len);
+  if (g.channels_last) return t.movedim(1, -1).reshape({g.n * g.hw, k}).narrow(0, n * g.hw + p0, len);
   return t.select(0, n).view({k, g.hw}).narrow(1, p0, len);
 }
 
@@ -185,16 +186,20 @@ void backward_chunks(const at::Tensor& grad_out, const at::Tensor& x, const Geom
 bool conv1x1_applies(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                      c10::IntArrayRef padding, int64_t groups) {
   const auto t = x.scalar_type();
-  return weight.size(2) == 1 && weight.size(3) == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
-         padding[1] == 0 && groups == 1 && weight.scalar_type() == t && (t == at::kFloat || t == at::kDouble) &&
-         x.size(0) > 0 && x.size(2) * x.size(3) >= kMinPositions;
+  for (int64_t d = 0; d < x.dim() - 2; ++d) {
+    if (weight.size(2 + d) != 1 || stride[d] != 1 || padding[d] != 0) return false;
+  }
+  return groups == 1 && weight.scalar_type() == t && (t == at::kFloat || t == at::kDouble) && x.size(0) > 0 &&
+         spatial_numel(x) >= kMinPositions;
 }
 
 at::Tensor conv1x1_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                            const at::Tensor& shift, Activation activation, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
   const Geometry g = geometry(x);
-  at::Tensor y = at::empty({g.n, weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(kernel_format(x)));
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape[1] = weight.size(0);
+  at::Tensor y = at::empty(shape, x.options().memory_format(kernel_format(x)));
   const at::Tensor w2d = weight_matrix(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_forward", [&] {
     const NormParams<scalar_t> p(mean, scale, shift);
@@ -212,7 +217,7 @@ Conv1x1Grads conv1x1_backward(const at::Tensor& grad_out, const at::Tensor& x, c
   const at::Tensor w2d = weight_matrix(weight);
   const at::Tensor gy = grad_out.contiguous(kernel_format(x));
   Conv1x1Grads out;
-  if (output_mask[0]) out.grad_x = at::empty({g.n, g.c, x.size(2), x.size(3)}, x.options().memory_format(kernel_format(x)));
+  if (output_mask[0]) out.grad_x = at::empty(x.sizes(), x.options().memory_format(kernel_format(x)));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_backward", [&] {
     const NormParams<scalar_t> p(mean, scale, shift);
     dispatch_activation(activation, [&](auto act) {

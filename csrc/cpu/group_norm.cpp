@@ -115,7 +115,7 @@ GroupGeometry check_groups(const at::Tensor& x, int64_t num_groups) {
   check_activation_input(x, "x");
   TORCH_CHECK_VALUE(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: expected a positive divisor of the ",
                     x.size(1), " channels, got ", num_groups);
-  TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) * x.size(2) * x.size(3) > 0,
+  TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) * spatial_numel(x) > 0,
                     "x: expected at least one value per group, got shape ", x.sizes());
   return {dense_geometry(x), num_groups, x.size(1) / num_groups};
 }

@@ -1,4 +1,4 @@
-// CPU kernels of the fused norm→activation→conv2d unit. The normalised,
+// CPU kernels of the fused norm→activation→conv unit (2-D or 3-D). The normalised,
 // activated input exists only as a temporary for ATen's convolution: it is
 // written by one fused pass and dropped when the op returns, in the forward
 // and again (recomputed) in the backward, which then applies act'(z) and
@@ -106,7 +106,7 @@ at::Tensor convolve(const UnitArgs& u, const at::Tensor& weight, const std::opti
   }
   const at::Tensor a = normalize_activate(u, weight.scalar_type());
   return at::convolution(a, weight, bias, stride, padding, dilation, /*transposed=*/false,
-                         /*output_padding=*/{0, 0}, groups);
+                         /*output_padding=*/std::vector<int64_t>(stride.size(), 0), groups);
 }
 
 at::Tensor norm_act_conv2d(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
@@ -138,10 +138,10 @@ std::tuple<at::Tensor, at::Tensor> norm_act_conv2d_into(
   check_bias(bias, weight);
   const at::Tensor conv = convolve(u, weight, bias, stride, padding, dilation, groups);
   const int64_t oc = conv.size(1);
-  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == conv.size(0) && out.size(2) == conv.size(2) &&
-                        out.size(3) == conv.size(3),
-                    "out: expected shape (", conv.size(0), ", C_out, ", conv.size(2), ", ", conv.size(3),
-                    "), got ", out.sizes());
+  TORCH_CHECK_VALUE(out.dim() == conv.dim() && out.size(0) == conv.size(0) &&
+                        out.sizes().slice(2) == conv.sizes().slice(2),
+                    "out: expected shape (", conv.size(0), ", C_out, ", conv.sizes().slice(2), "), got ",
+                    out.sizes());
   TORCH_CHECK_VALUE(out_offset >= 0 && out_offset + oc <= out.size(1), "out_offset: expected 0 <= out_offset <= ",
                     out.size(1) - oc, " for ", oc, " output channels in a buffer of ", out.size(1), ", got ",
                     out_offset);
@@ -150,16 +150,16 @@ std::tuple<at::Tensor, at::Tensor> norm_act_conv2d_into(
   TORCH_CHECK_VALUE(out.device() == x.device(), "out: expected a tensor on ", x.device(), ", got one on ",
                     out.device());
   const at::MemoryFormat format = kernel_format(out);
-  TORCH_CHECK_VALUE(out.is_contiguous(format), "out: expected an NCHW- or channels_last-contiguous buffer, got strides ",
-                    out.strides());
+  TORCH_CHECK_VALUE(out.is_contiguous(format), "out: expected an ",
+                    out.dim() == 4 ? "NCHW- or channels_last" : "NCDHW- or channels_last_3d",
+                    "-contiguous buffer, got strides ", out.strides());
   const at::Tensor y = conv.contiguous(format);
   at::Tensor res;
   if (residual.has_value()) {
     check_residual(*residual, y);
     res = residual->contiguous(format);
   }
-  const SliceGeometry g{y.size(0), oc, y.size(2) * y.size(3), out.size(1), out_offset,
-                        format == at::MemoryFormat::ChannelsLast};
+  const SliceGeometry g{y.size(0), oc, spatial_numel(y), out.size(1), out_offset, is_channels_last(format)};
   const auto acc_opts = y.options().dtype(accumulation_type(y.scalar_type()));
   at::Tensor out_mean = at::empty({compute_stats ? oc : 0}, acc_opts);
   at::Tensor out_var = at::empty({compute_stats ? oc : 0}, acc_opts);
@@ -190,17 +190,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats(
     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
   at::Tensor y = norm_act_conv2d(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
                                  activation, batch_invstd);
-  TORCH_CHECK_VALUE(y.size(0) * y.size(2) * y.size(3) > 0,
+  TORCH_CHECK_VALUE(y.size(0) * spatial_numel(y) > 0,
                     "norm_act_conv2d_stats: needs at least one output value per channel, got output shape ", y.sizes());
   auto [y_mean, y_var] = channel_stats(y);
   return {y, y_mean, y_var};
 }
 
 void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == u.x.size(0) &&
+  TORCH_CHECK_VALUE(grad_out.dim() == u.x.dim() && grad_out.size(0) == u.x.size(0) &&
                         grad_out.size(1) == weight.size(0),
                     "grad_out: expected shape (", u.x.size(0), ", ", weight.size(0),
-                    ", H_out, W_out), got ", grad_out.sizes());
+                    u.x.dim() == 4 ? ", H_out, W_out" : ", D_out, H_out, W_out", "), got ", grad_out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == weight.scalar_type(), "grad_out: expected dtype ",
                    weight.scalar_type(), ", got ", grad_out.scalar_type());
 }
@@ -274,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
                     : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(u.format));
     auto [grad_a, grad_w, unused_bias] =
         at::convolution_backward(grad_out.contiguous(u.format), a, weight, std::nullopt, stride, padding, dilation,
-                                 false, {0, 0}, groups, {want_input, want_weight, false});
+                                 false, std::vector<int64_t>(stride.size(), 0), groups,
+                                 {want_input, want_weight, false});
     if (want_weight) grad_weight = grad_w.contiguous(kernel_format(weight));
     if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
     grad_a = grad_a.contiguous(u.format);

@@ -99,9 +99,9 @@ int multiprocessors() { return at::cuda::getCurrentDeviceProperties()->multiProc
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
   check_activation_input(input, "x");
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool cl = kernel_format(input) == at::MemoryFormat::ChannelsLast;
+  const bool cl = is_channels_last(kernel_format(input));
   const at::Tensor x = input.contiguous(kernel_format(input));
-  const int64_t C = x.size(1), HW = x.size(2) * x.size(3), count = x.size(0) * HW;
+  const int64_t C = x.size(1), HW = spatial_numel(x), count = x.size(0) * HW;
   TORCH_CHECK_VALUE(count > 0, "x: expected at least one value per channel, got shape ", x.sizes());
   const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
   at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);
@@ -139,9 +139,9 @@ at::Tensor channel_stats_backward(const at::Tensor& input, const at::Tensor& mea
                                   const at::Tensor& grad_mean, const at::Tensor& grad_var) {
   check_activation_input(input, "x");
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool cl = kernel_format(input) == at::MemoryFormat::ChannelsLast;
+  const bool cl = is_channels_last(kernel_format(input));
   const at::Tensor x = input.contiguous(kernel_format(input));
-  const int64_t C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
+  const int64_t C = x.size(1), HW = spatial_numel(x), numel = x.numel();
   check_stats_backward_args(x, mean, grad_mean, grad_var);
   at::Tensor grad_x = at::empty_like(x);
   if (numel == 0) return grad_x;

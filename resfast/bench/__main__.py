@@ -64,8 +64,8 @@ def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
     row["saved_ratio"] = row["saved_bytes"]["resfast"] / row["saved_bytes"]["eager"]
     if not args.compile:
         compiled, compile_error = None, "disabled by --no-compile"
-    elif args.quick and case in QUICK_SUITES["models"]:
-        # Compiling a whole ResNet-200 or DenseNet-264 takes minutes on a CPU.
+    elif args.quick and (case in QUICK_SUITES["models"] or case in QUICK_SUITES["volumes"]):
+        # Compiling a whole ResNet-200, DenseNet-264 or 3-D U-Net takes minutes on a CPU.
         compiled, compile_error = None, "not compiled for whole models with --quick"
     else:
         compiled, compile_error = _compiled(eager, args.compile_mode)

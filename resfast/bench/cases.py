@@ -16,7 +16,9 @@ def _same_weights(eager, ours):
 
 
 def _place(eager, ours, x, device, dtype, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.contiguous_format
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     eager = eager.to(device=device, dtype=dtype, memory_format=fmt)
     ours = ours.to(device=device, dtype=dtype, memory_format=fmt)
     return eager, ours, x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -110,7 +112,8 @@ class ResNetV2Case(_Case):
 
 @dataclass(frozen=True)
 class UNetCase(_Case):
-    """A whole U-Net against its plain torch.nn twin (torch.cat skips)."""
+    """A whole U-Net against its plain torch.nn twin (torch.cat skips), for
+    images or (spatial_dims=3) volumes."""
 
     batch = {"cuda": 8, "cpu": 2, "quick": 1}
 
@@ -118,13 +121,20 @@ class UNetCase(_Case):
     widths: tuple
     norm: str
     size: int
+    spatial_dims: int = 2
+    in_channels: int = 3
+    num_groups: int = 32
+
+    def default_batch(self, device_type, quick):
+        return 1 if self.spatial_dims == 3 else super().default_batch(device_type, quick)
 
     def build(self, batch, device, dtype, channels_last):
         from resfast.bench.references import EagerUNet
 
-        cfg = dict(in_channels=3, out_channels=2, widths=self.widths, norm=self.norm)
+        cfg = dict(in_channels=self.in_channels, out_channels=2, widths=self.widths, norm=self.norm,
+                   num_groups=self.num_groups, spatial_dims=self.spatial_dims)
         eager, ours = _same_weights(EagerUNet(**cfg), resfast.models.UNet(**cfg))
-        x = torch.randn(batch, 3, self.size, self.size)
+        x = torch.randn(batch, self.in_channels, *([self.size] * self.spatial_dims))
         return _place(eager, ours, x, device, dtype, channels_last)
 
 
@@ -263,5 +273,10 @@ QUICK_MODELS = [ResNetV2Case("ResNet-200 @64", (3, 24, 36, 3), 64),
                 DenseNetCase("DenseNet-121 @64", (6, 12, 24, 16), 64),
                 DenseNetCase("DenseNet-264 @64", (6, 12, 64, 48), 64)]
 
-SUITES = {"ops": OPS, "blocks": BLOCKS, "models": MODELS}
-QUICK_SUITES = {"ops": QUICK_OPS, "blocks": QUICK_BLOCKS, "models": QUICK_MODELS}
+# Volumes (CT/MRI crops): one channel in, GroupNorm(8) as MONAI's nets use it.
+VOLUME_UNET = (32, 64, 128, 256)
+VOLUMES = [UNetCase("3-D U-Net GN (32-256) @128", VOLUME_UNET, "group", 128, 3, 1, 8)]
+QUICK_VOLUMES = [UNetCase("3-D U-Net GN (32-256) @64", VOLUME_UNET, "group", 64, 3, 1, 8)]
+
+SUITES = {"ops": OPS, "blocks": BLOCKS, "models": MODELS, "volumes": VOLUMES}
+QUICK_SUITES = {"ops": QUICK_OPS, "blocks": QUICK_BLOCKS, "models": QUICK_MODELS, "volumes": QUICK_VOLUMES}

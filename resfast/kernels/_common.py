@@ -87,14 +87,18 @@ def assert_launchable(kernel, *tensors):
         f"{kernel.__name__}: compiled Triton kernels need CUDA tensors"
 
 
+def _channels_last_format(t):
+    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+
+
 def is_channels_last(t):
-    # A tensor that is both (e.g. C == 1 or H == W == 1) counts as NCHW.
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    # A 4-D or 5-D tensor that is both (e.g. C == 1 or H == W == 1) counts as NC(D)HW.
+    return t.dim() in (4, 5) and t.is_contiguous(memory_format=_channels_last_format(t)) and not t.is_contiguous()
 
 
 def empty_like_format(ref, shape, dtype):
-    """Uninitialised 4-D tensor in `ref`'s memory format (channels_last or NCHW)."""
-    fmt = torch.channels_last if is_channels_last(ref) else torch.contiguous_format
+    """Uninitialised 4-D or 5-D tensor in `ref`'s memory format (channels_last(_3d) or NC(D)HW)."""
+    fmt = _channels_last_format(ref) if is_channels_last(ref) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=fmt)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import assert_launchable, config_for, is_channels_last, launch, ship
-from .pointwise import TILE_CONFIGS as GN_CONFIGS, _strides, _tile, pixel_splits
+from .pointwise import TILE_CONFIGS as GN_CONFIGS, _positions, _strides, _tile, pixel_splits
 from .stats import _merge_tile_moments
 
 
@@ -57,14 +57,14 @@ ship(_gn_stats_partial_kernel, GN_CONFIGS)
 
 def launch_stats_partials(x):
     """(4, N, S, C) float32 per-channel (count, pivot, mean - pivot, M2) of S
-    pixel ranges per sample; x NCHW- or channels_last-contiguous."""
+    pixel ranges per sample; x NC(D)HW- or channels_last(_3d)-contiguous."""
     assert_launchable(_gn_stats_partial_kernel, x)
     cfg = config_for(_gn_stats_partial_kernel, lambda: GN_CONFIGS[0] if is_channels_last(x) else GN_CONFIGS[1])
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     splits, per_prog = pixel_splits(x, cfg)
     part = torch.empty((4, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    launch(_gn_stats_partial_kernel)[grid](x, part, h * w, c, per_prog, *_strides(x), **cfg)
+    launch(_gn_stats_partial_kernel)[grid](x, part, _positions(x), c, per_prog, *_strides(x), **cfg)
     return part
 
 

@@ -9,6 +9,8 @@ wide in channels for channels_last and tall in pixels for NCHW. Parameters
 or C. GroupNorm uses them with (N, C) parameters, the split convolution path
 (resfast/ops/conv_engines) with either.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -50,8 +52,13 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 def _strides(t):
-    """(sample, pixel, channel) strides of a 4-D tensor contiguous in NCHW or channels_last."""
-    return t.stride(0), t.stride(3), t.stride(1)
+    """(sample, pixel, channel) strides of a 4-D or 5-D tensor contiguous in NC(D)HW or channels_last(_3d)."""
+    return t.stride(0), t.stride(-1), t.stride(1)
+
+
+def _positions(x):
+    """Pixels per sample: the product of x's spatial sizes."""
+    return math.prod(x.shape[2:])
 
 
 @triton.jit
@@ -157,12 +164,12 @@ def _config(kernel, x):
 def pixel_splits(x, cfg):
     """Pixel range per program of a reduction: enough programs for ~4 waves
     over (N, C tiles). Returns (ranges per sample, pixels per range)."""
-    n, c, h, w = x.shape
-    hw_tiles = triton.cdiv(h * w, cfg["BLOCK_HW"])
+    n, c, hw = x.shape[0], x.shape[1], _positions(x)
+    hw_tiles = triton.cdiv(hw, cfg["BLOCK_HW"])
     base = n * triton.cdiv(c, cfg["BLOCK_C"])
     want = max(1, triton.cdiv(4 * multiprocessor_count(x.device), base))
     per_prog = triton.cdiv(hw_tiles, min(hw_tiles, want)) * cfg["BLOCK_HW"]
-    return triton.cdiv(h * w, per_prog), per_prog
+    return triton.cdiv(hw, per_prog), per_prog
 
 
 def _param_stride(x, param):
@@ -171,17 +178,16 @@ def _param_stride(x, param):
 
 
 def _elementwise_grid(x, cfg):
-    n, c, h, w = x.shape
-    return (triton.cdiv(h * w, cfg["BLOCK_HW"]), n, triton.cdiv(c, cfg["BLOCK_C"]))
+    return (triton.cdiv(_positions(x), cfg["BLOCK_HW"]), x.shape[0], triton.cdiv(x.shape[1], cfg["BLOCK_C"]))
 
 
-# Every launcher takes NCHW- or channels_last-contiguous tensors and contiguous
+# Every launcher takes NC(D)HW- or channels_last(_3d)-contiguous tensors and contiguous
 # float32 parameters, all (C,) or all (N, C).
 def affine_act(x, mean, scale, shift, activation, dtype=None):
     """act((x - mean) * scale + shift) in `dtype` (default x's), laid out like x."""
     assert_launchable(_affine_act_kernel, x, mean, scale, shift)
     cfg = _config(_affine_act_kernel, x)
-    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    c, hw = x.shape[1], _positions(x)
     y = empty_like_format(x, x.shape, dtype or x.dtype)
     launch(_affine_act_kernel)[_elementwise_grid(x, cfg)](x, y, mean, scale, shift, hw, c, _param_stride(x, mean),
                                                           *_strides(x), *_strides(y),
@@ -194,11 +200,11 @@ def act_grad_sums(grad_y, x, mean, scale, shift, activation):
     dz = act'(z) * grad_y and of dz * (x - mean), z = (x - mean) * scale + shift."""
     assert_launchable(_act_grad_sums_kernel, x, grad_y, mean, scale, shift)
     cfg = _config(_act_grad_sums_kernel, x)
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     splits, per_prog = pixel_splits(x, cfg)
     part = torch.empty((2, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    launch(_act_grad_sums_kernel)[grid](x, grad_y, part, mean, scale, shift, h * w, c, _param_stride(x, mean),
+    launch(_act_grad_sums_kernel)[grid](x, grad_y, part, mean, scale, shift, _positions(x), c, _param_stride(x, mean),
                                         per_prog, *_strides(x), *_strides(grad_y), ACT=activation_code(activation),
                                         **cfg)
     return part
@@ -208,7 +214,7 @@ def centered_affine_grad(x, grad_y, mean, scale, shift, coef_a, coef_b, activati
     """coef_a + coef_b * (x - mean) [+ act'(z) * grad_y * scale] in x's dtype and layout."""
     assert_launchable(_centered_affine_grad_kernel, x, grad_y, mean, scale, shift, coef_a, coef_b)
     cfg = _config(_centered_affine_grad_kernel, x)
-    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    c, hw = x.shape[1], _positions(x)
     gx = empty_like_format(x, x.shape, x.dtype)
     has_gy = grad_y is not None
     gy = grad_y if has_gy else x

@@ -106,10 +106,18 @@ def _config(kernel, x):
     return config_for(kernel, lambda: STATS_CONFIGS[1] if x.stride(1) == 1 else STATS_CONFIGS[0])
 
 
+def _as_4d(x):
+    """A 5-D NCDHW- or channels_last_3d-contiguous x as the (N, C, D*H, W) view
+    in the matching 4-D layout, which the kernels' row indexing covers."""
+    return x.flatten(2, 3) if x.dim() == 5 else x
+
+
 def channel_stats(x):
-    """(mean, var) of x over (N, H, W): float32 (C,) each, biased variance.
-    x: NCHW- or channels_last-contiguous, at least one value per channel."""
+    """(mean, var) of x over every dim but C: float32 (C,) each, biased
+    variance. x: NC(D)HW- or channels_last(_3d)-contiguous, at least one value
+    per channel."""
     assert_launchable(_stats_partial_kernel, x)
+    x = _as_4d(x)
     _, C, H, W = x.shape
     M = x.shape[0] * H * W
     cfg = _config(_stats_partial_kernel, x)
@@ -132,13 +140,14 @@ def channel_stats_backward(x, mean, grad_mean, grad_var):
     """grad_x = grad_mean/M + grad_var * 2 (x - mean)/M, in x's dtype and memory
     format; mean, grad_mean, grad_var: contiguous float32 (C,)."""
     assert_launchable(_stats_backward_kernel, x, mean, grad_mean, grad_var)
+    shape, x = x.shape, _as_4d(x)
     _, C, H, W = x.shape
     grad_x = empty_like_format(x, x.shape, x.dtype)
     M = x.shape[0] * H * W
     if grad_x.numel() == 0:
-        return grad_x
+        return grad_x.view(shape)
     cfg = _config(_stats_backward_kernel, x)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
     launch(_stats_backward_kernel)[grid](x, mean, grad_mean, grad_var, grad_x, 1.0 / M, M, C, H * W, W,
                                  *x.stride(), *grad_x.stride(), **cfg)
-    return grad_x
+    return grad_x.view(shape)

@@ -9,8 +9,9 @@ from torch import nn
 from resfast import ops
 
 # The BatchNorm modules whose parameters and buffers the fused units use
-# (SyncBatchNorm2d is an nn.BatchNorm2d).
+# (SyncBatchNorm2d is an nn.BatchNorm2d), for images and for volumes.
 BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+BATCH_NORMS_3D = (nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def batch_norm_args(bn: nn.BatchNorm2d, training: bool):

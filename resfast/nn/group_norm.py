@@ -39,7 +39,33 @@ class GroupNormAct(nn.GroupNorm):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-class GNActConv2d(NormActConvUnit):
+class _GroupNormActConv(NormActConvUnit):
+    """The GroupNorm units of both ranks: construction and forward."""
+
+    norm_attr, norm_types, channels_attr, default_activation = "norm", (nn.GroupNorm,), "num_channels", "silu"
+    norm_description = "an nn.GroupNorm"
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 num_groups=32, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        norm = GroupNorm(num_groups, in_channels, eps, affine, **factory)
+        conv = self.conv_type(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              **factory)
+        self._adopt(norm, conv, activation)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        norm, conv = self.norm, self.conv
+        if direct(x, residual, conv.weight):
+            return torch.ops.resfast.group_norm_act_conv2d(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                                           conv.weight, conv.bias, residual, *conv_arguments(conv),
+                                                           self.activation)
+        affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return norm_conv(x, affine, conv, residual, self.activation)
+
+
+class GNActConv2d(_GroupNormActConv):
     """conv(act(group_norm(x))) with the normalised activation never stored.
 
     Holds an nn.GroupNorm-compatible `norm` and an `nn.Conv2d` `conv` for their
@@ -50,22 +76,11 @@ class GNActConv2d(NormActConvUnit):
     `residual` in the convolution's epilogue.
     """
 
-    norm_attr, norm_types, channels_attr, default_activation = "norm", (nn.GroupNorm,), "num_channels", "silu"
-    norm_description = "an nn.GroupNorm"
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 num_groups=32, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        norm = GroupNorm(num_groups, in_channels, eps, affine, **factory)
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
-        self._adopt(norm, conv, activation)
+class GNActConv3d(_GroupNormActConv):
+    """GNActConv2d for volumes: conv3d(act(group_norm(x))) on 5-D (N, C, D, H,
+    W) input, NCDHW or channels_last_3d, with an nn.GroupNorm-compatible `norm`
+    and an `nn.Conv3d` `conv` (MONAI's GroupNorm(8) -> ReLU -> Conv3d blocks
+    with activation="relu")."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        norm, conv = self.norm, self.conv
-        if direct(x, residual, conv.weight):
-            return torch.ops.resfast.group_norm_act_conv2d(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                                           conv.weight, conv.bias, residual, *conv_arguments(conv),
-                                                           self.activation)
-        affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        return norm_conv(x, affine, conv, residual, self.activation)
+    conv_type = nn.Conv3d

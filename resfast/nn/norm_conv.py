@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.batch_norm import BATCH_NORMS, batch_norm_affine, batch_norm_args, bn_affine, direct, \
-    sync_process_group
+from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, batch_norm_affine, batch_norm_args, bn_affine, \
+    direct, sync_process_group
 
 fused = torch.ops.resfast
 
@@ -27,9 +27,10 @@ def conv_arguments(conv: nn.Conv2d):
             list(conv.dilation), conv.groups)
 
 
-def check_conv_module(conv: nn.Conv2d):
-    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-        raise TypeError(f"conv: expected a plain nn.Conv2d, got {type(conv).__name__}")
+def check_conv_module(conv: nn.Module, conv_type=nn.Conv2d):
+    """conv is a plain conv_type (nn.Conv2d or nn.Conv3d) with zero padding."""
+    if not isinstance(conv, conv_type) or type(conv).forward is not conv_type.forward:
+        raise TypeError(f"conv: expected a plain nn.{conv_type.__name__}, got {type(conv).__name__}")
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
 
@@ -76,18 +77,19 @@ def batch_norm_conv(bn: nn.Module, conv: nn.Conv2d, x: torch.Tensor, training: b
 
 
 def norm_affines(parts, norm: nn.Module, training: bool) -> list:
-    """`norm` (an nn.BatchNorm2d, nn.SyncBatchNorm or nn.GroupNorm) of the channel concatenation
+    """`norm` (an nn.BatchNorm2d or 3d, nn.SyncBatchNorm or nn.GroupNorm) of the channel concatenation
     of `parts`, as one NormAffine per part and without concatenating: BatchNorm
     statistics are per channel, GroupNorm's per group, and no group may
     straddle two parts. Running statistics are updated through views of the
     module's buffers; a BatchNorm counts the batch once."""
     widths = [p.shape[1] for p in parts]
-    if isinstance(norm, BATCH_NORMS):
+    batch_norm = isinstance(norm, BATCH_NORMS + BATCH_NORMS_3D)
+    if batch_norm:
         channels = norm.num_features
     elif isinstance(norm, nn.GroupNorm):
         channels = norm.num_channels
     else:
-        raise TypeError(f"norm: expected an nn.BatchNorm2d, nn.SyncBatchNorm or nn.GroupNorm, "
+        raise TypeError(f"norm: expected an nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm or nn.GroupNorm, "
                         f"got {type(norm).__name__}")
     if sum(widths) != channels:
         raise ValueError(f"input: expected {channels} channels in all, got {widths}")
@@ -96,7 +98,7 @@ def norm_affines(parts, norm: nn.Module, training: bool) -> list:
     def part(t, start, width):
         return None if t is None else t[start:start + width]
 
-    if isinstance(norm, BATCH_NORMS):
+    if batch_norm:
         sync, group = sync_process_group(norm, training)
         running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(norm, training)
         if sync:

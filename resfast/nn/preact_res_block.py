@@ -12,13 +12,19 @@ from resfast import ops
 from resfast.nn.norm_conv import norm_affines, norm_conv_parts
 
 NORMS = {"batch": "relu", "group": "silu"}
+CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def make_norm(norm, channels, num_groups, device=None, dtype=None):
-    """The normalisation layer of a block: nn.BatchNorm2d for "batch",
-    nn.GroupNorm(num_groups) for "group"."""
+def check_spatial_dims(spatial_dims):
+    if spatial_dims not in CONVS:
+        raise ValueError(f"spatial_dims: expected 2 (images) or 3 (volumes), got {spatial_dims!r}")
+
+
+def make_norm(norm, channels, num_groups, device=None, dtype=None, spatial_dims=2):
+    """The normalisation layer of a block: nn.BatchNorm2d (nn.BatchNorm3d for
+    volumes) for "batch", nn.GroupNorm(num_groups) for "group"."""
     if norm == "batch":
-        return nn.BatchNorm2d(channels, device=device, dtype=dtype)
+        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels, device=device, dtype=dtype)
     if norm == "group":
         if channels % num_groups:
             raise ValueError(f"num_groups: expected a divisor of {channels} channels, got {num_groups}")
@@ -34,24 +40,27 @@ class PreActResBlock(nn.Module):
 
     in_chs: an int, or the widths of the parts forward receives. padding:
     "same" keeps the size; "valid" shrinks each side by 2 and crops the
-    shortcut to match.
+    shortcut to match. spatial_dims: 2 for images (N, C, H, W), 3 for
+    volumes (N, C, D, H, W) with 3x3x3 convolutions.
     """
 
     def __init__(self, in_chs: int | Sequence[int], out_chs: int, norm="group", num_groups=32, padding="same",
-                 device=None, dtype=None):
+                 device=None, dtype=None, spatial_dims=2):
         super().__init__()
+        check_spatial_dims(spatial_dims)
         factory = {"device": device, "dtype": dtype}
+        conv = CONVS[spatial_dims]
         self.in_parts = (in_chs,) if isinstance(in_chs, int) else tuple(in_chs)
         total = sum(self.in_parts)
         if padding not in ("same", "valid"):
             raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
-        self.norm1 = make_norm(norm, total, num_groups, **factory)
+        self.norm1 = make_norm(norm, total, num_groups, **factory, spatial_dims=spatial_dims)
         self.activation = NORMS[norm]
-        self.conv1 = nn.Conv2d(total, out_chs, 3, padding=padding, bias=False, **factory)
-        self.norm2 = make_norm(norm, out_chs, num_groups, **factory)
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=padding, bias=False, **factory)
+        self.conv1 = conv(total, out_chs, 3, padding=padding, bias=False, **factory)
+        self.norm2 = make_norm(norm, out_chs, num_groups, **factory, spatial_dims=spatial_dims)
+        self.conv2 = conv(out_chs, out_chs, 3, padding=padding, bias=False, **factory)
         needs_projection = total != out_chs or len(self.in_parts) > 1
-        self.downsample = nn.Conv2d(total, out_chs, 1, bias=False, **factory) if needs_projection else None
+        self.downsample = conv(total, out_chs, 1, bias=False, **factory) if needs_projection else None
         self.crop = 2 if padding == "valid" else 0
 
     def forward(self, *parts: torch.Tensor) -> torch.Tensor:
@@ -65,7 +74,8 @@ class PreActResBlock(nn.Module):
             shortcut = norm_conv_parts(parts, preact, self.downsample, self.activation)
         if self.crop:
             c = self.crop
-            shortcut = shortcut[..., c:-c, c:-c].contiguous(memory_format=ops.kernel_format(shortcut))
+            inner = (slice(None), slice(None)) + (slice(c, -c),) * (shortcut.dim() - 2)
+            shortcut = shortcut[inner].contiguous(memory_format=ops.kernel_format(shortcut))
         h = norm_conv_parts(parts, preact, self.conv1, self.activation)
         return norm_conv_parts([h], norm_affines([h], self.norm2, self.training), self.conv2, self.activation,
                                residual=shortcut)

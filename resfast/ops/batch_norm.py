@@ -65,7 +65,7 @@ def batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training
 def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
                           bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None,
                           batch_stats=None):
-    """conv2d(act(batch_norm(x)), weight, bias) + residual in one fused unit;
+    """conv(act(batch_norm(x)), weight, bias) + residual in one fused unit (2-D or 3-D);
     the BatchNorm arguments are those of F.batch_norm, and batch_stats x's
     statistics from its producer (see batch_norm_affine)."""
     check_activation_input(x)
@@ -75,7 +75,7 @@ def batch_norm_act_conv2d(x, running_mean, running_var, bn_weight, bn_bias, trai
         # Nothing to fuse: eager torch defines what an empty batch returns.
         a = activate(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps),
                      activation)
-        y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
+        y = (F.conv2d if x.dim() == 4 else F.conv3d)(a, weight, bias, stride, padding, dilation, groups)
         return y if residual is None else y + residual
     affine = batch_norm_affine(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, batch_stats)
     return affine_act_conv2d(x, affine, weight, bias, residual, stride, padding, dilation, groups, activation)

@@ -6,11 +6,11 @@ what was expected. The Triton launchers below only assert."""
 import torch
 
 from resfast.activations import check_activation  # noqa: F401  (re-exported: one list of activations)
-from resfast.ops.layout import conv_output_size, kernel_format
+from resfast.ops.layout import conv_output_size, kernel_format, spatial_numel
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The Triton kernels index rows (N*H*W positions) in int32.
+# The Triton kernels index rows (N*H*W or N*D*H*W positions) in int32.
 MAX_ROWS = 2**31 - 1
 
 
@@ -21,20 +21,22 @@ def _dtype_names(dtypes):
 def check_activation_input(x, name="x", dtypes=FLOAT_DTYPES):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got {x.dim()}-D with "
+                         f"shape {tuple(x.shape)}")
     if x.dtype not in dtypes:
         raise TypeError(f"{name}: expected one of {_dtype_names(dtypes)}, got {x.dtype}")
 
 
 def triton_input(x, name="x"):
     """x for the Triton kernels: a dtype they support, at most MAX_ROWS
-    positions, contiguous in its kernel format (a no-op for NCHW and
+    positions, contiguous in its kernel format (a no-op for NC(D)HW and
     channels_last tensors)."""
     check_activation_input(x, name, TRITON_DTYPES)
-    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    rows = x.shape[0] * spatial_numel(x)
     if rows > MAX_ROWS:
-        raise ValueError(f"{name}: N*H*W = {rows} positions exceeds the kernels' int32 row index")
+        raise ValueError(f"{name}: {rows} positions (N times the spatial size) exceeds the kernels' int32 row "
+                         f"index")
     return x.contiguous(memory_format=kernel_format(x))
 
 
@@ -51,9 +53,11 @@ def check_channel_vector(x, name, t):
 
 
 def check_conv_args(x, weight, stride, padding, dilation, groups):
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != x.dim():
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight: expected a 4-D (out_channels, in_channels/groups, kH, kW) tensor, got {shape}")
+        taps = "kH, kW" if x.dim() == 4 else "kD, kH, kW"
+        raise ValueError(f"weight: expected a {x.dim()}-D (out_channels, in_channels/groups, {taps}) tensor for "
+                         f"{x.dim()}-D input, got {shape}")
     check_same_device(x, weight=weight)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"groups: expected a positive integer, got {groups!r}")
@@ -63,10 +67,11 @@ def check_conv_args(x, weight, stride, padding, dilation, groups):
     if weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"weight: expected in_channels/groups = {x.shape[1] // groups} in dim 1 for input of "
                          f"shape {tuple(x.shape)}, got shape {tuple(weight.shape)}")
+    dims = x.dim() - 2
     for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(value) != 2 or any((not isinstance(v, int)) or v < low for v in value):
+        if len(value) != dims or any((not isinstance(v, int)) or v < low for v in value):
             kind = "positive" if low else "non-negative"
-            raise ValueError(f"{name}: expected two {kind} integers, got {value!r}")
+            raise ValueError(f"{name}: expected {'two' if dims == 2 else 'three'} {kind} integers, got {value!r}")
     if min(conv_output_size(x, weight, stride, padding, dilation)) < 1:
         raise ValueError(f"input: spatial size {tuple(x.shape)} (padded) is smaller than the dilated kernel "
                          f"{tuple(weight.shape)}")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from resfast.ops.batch_norm import batch_norm_affine, check_batch_norm_args, update_running_stats
-from resfast.ops.layout import accumulation_dtype, kernel_format
+from resfast.ops.layout import accumulation_dtype, kernel_format, spatial_numel
 from resfast.ops.norm_act_conv import NormAffine
 
 ops = torch.ops.resfast
@@ -57,7 +57,7 @@ def shared_stats_grad(x, mean, grad_mean, grad_var, total, process_group):
     over ranks first."""
     grads = torch.stack([grad_mean, grad_var]).contiguous()
     dist.all_reduce(grads, group=process_group)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+    count = x.shape[0] * spatial_numel(x)
     if count == 0:
         return torch.zeros_like(x, memory_format=kernel_format(x))
     # channel_stats_backward divides by the local count; the statistics are over all ranks.
@@ -71,7 +71,7 @@ class _SyncMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, process_group, world_size):
         mean, var = _local_moments(x)
-        global_mean, global_var, total = gather_moments(mean, var, x.shape[0] * x.shape[2] * x.shape[3],
+        global_mean, global_var, total = gather_moments(mean, var, x.shape[0] * spatial_numel(x),
                                                         process_group, world_size)
         ctx.process_group, ctx.total = process_group, total
         ctx.save_for_backward(x, global_mean)

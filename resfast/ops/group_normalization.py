@@ -7,7 +7,7 @@ from resfast.activations import activate, activation_grad, check_activation
 from resfast.ops import registry
 from resfast.ops.checks import FLOAT_DTYPES, check_activation_input, check_channel_vector, check_same_device, \
     triton_input
-from resfast.ops.layout import accumulation_dtype, kernel_format
+from resfast.ops.layout import accumulation_dtype, kernel_format, per_element, reduced_dims
 from resfast.ops.norm_act_conv import NormAffine, check_finite
 from resfast.ops.statistics import by_group, check_group_vectors, check_groups, per_channel, stats_groups
 
@@ -33,10 +33,6 @@ def _affine_vectors(x, weight, bias, acc):
     w = x.new_ones(x.shape[1], dtype=acc) if weight is None else weight.to(acc)
     b = x.new_zeros(x.shape[1], dtype=acc) if bias is None else bias.to(acc)
     return w, b
-
-
-def _per_element(p):
-    return p[:, None, None]
 
 
 # ---------------------------------------------------------------- group_norm
@@ -65,9 +61,8 @@ def _(x, num_groups, weight, bias, eps, activation):
     mean, var = ops.group_stats(x, num_groups)
     rstd = torch.rsqrt(var + eps)
     w, b = _affine_vectors(x, weight, bias, mean.dtype)
-    c = x.shape[1]
-    xhat = (x.to(mean.dtype) - per_channel(mean, c)) * per_channel(rstd, c)
-    y = activate(xhat * _per_element(w) + _per_element(b), activation)
+    xhat = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(rstd, x)
+    y = activate(xhat * per_element(w, x) + per_element(b, x), activation)
     return y.to(x.dtype).contiguous(memory_format=kernel_format(x)), mean, rstd
 
 
@@ -127,22 +122,22 @@ def _(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
 @group_norm_backward_op.register_reference
 def _(grad_y, x, mean, rstd, weight, bias, activation, output_mask):
     w, b = _affine_vectors(x, weight, bias, mean.dtype)
-    num_groups, c = mean.shape[1], x.shape[1]
-    xhat = (x.to(mean.dtype) - per_channel(mean, c)) * per_channel(rstd, c)
-    z = xhat * _per_element(w) + _per_element(b)
+    num_groups = mean.shape[1]
+    xhat = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(rstd, x)
+    z = xhat * per_element(w, x) + per_element(b, x)
     dz = grad_y.to(z.dtype) * activation_grad(z, activation)
     grad_x = grad_weight = grad_bias = None
     if output_mask[0]:
-        dxhat = dz * _per_element(w)
+        dxhat = dz * per_element(w, x)
         mean_dxhat = by_group(dxhat, num_groups).mean(2)
         mean_dxhat_xhat = by_group(dxhat * xhat, num_groups).mean(2)
-        grad_x = per_channel(rstd, c) * (dxhat - per_channel(mean_dxhat, c) - xhat * per_channel(mean_dxhat_xhat, c))
+        grad_x = per_channel(rstd, x) * (dxhat - per_channel(mean_dxhat, x) - xhat * per_channel(mean_dxhat_xhat, x))
         grad_x = grad_x.to(x.dtype).contiguous(memory_format=kernel_format(x))
     if output_mask[1]:
-        grad_weight = (dz * xhat).sum((0, 2, 3))
+        grad_weight = (dz * xhat).sum(reduced_dims(x))
         grad_weight = grad_weight if weight is None else grad_weight.to(weight.dtype)
     if output_mask[2]:
-        grad_bias = dz.sum((0, 2, 3))
+        grad_bias = dz.sum(reduced_dims(x))
         grad_bias = grad_bias if bias is None else grad_bias.to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 
@@ -213,7 +208,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation="iden
     check_activation(activation)
     if x.device.type in _GROUP_NORM_AUTOCAST_FP32 and torch.is_autocast_enabled(x.device.type):
         x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
-    if x.dim() == 4:
+    if x.dim() in (4, 5):
         return ops.group_norm(x, num_groups, weight, bias, float(eps), activation)[0]
     # Other ranks are (N, C, L) in effect: one pixel column of L values.
     shape = x.shape

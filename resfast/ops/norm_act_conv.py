@@ -1,8 +1,11 @@
-"""The fused normalise -> activate -> conv2d unit: its ops (forward, the
+"""The fused normalise -> activate -> conv unit: its ops (forward, the
 channel-slice store, the output-statistics twin and the backward) and its
 entry points.
 
-    y = conv2d(act((x - mean) * scale + shift), weight, bias) + residual
+    y = conv(act((x - mean) * scale + shift), weight, bias) + residual
+
+a 2-D convolution for 4-D x and weight, a 3-D one for 5-D (the ops keep the
+conv2d names they were registered with first).
 
 mean/scale/shift are per channel (C,) (BatchNorm) or per (sample, channel)
 (N, C) (GroupNorm). The normalised activation is never stored: backward
@@ -13,12 +16,13 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple
 
 from resfast.activations import activate, activation_grad, check_activation
 from resfast.ops import conv_engines, registry
 from resfast.ops.checks import check_activation_input, check_conv_args, check_same_device, triton_input
-from resfast.ops.layout import accumulation_dtype, conv_output_size, kernel_format
+from resfast.ops.layout import accumulation_dtype, conv_output_size, kernel_format, per_element, reduced_dims, \
+    spatial_numel
 
 ops = torch.ops.resfast
 
@@ -96,14 +100,16 @@ def _check_forward(x, mean, scale, shift, weight, bias, residual, stride, paddin
         _check_output_like("residual", residual, _output_shape(x, weight, stride, padding, dilation), weight.dtype)
 
 
-def _per_element(p):
-    """(C,) or (N, C) parameters, broadcastable against (N, C, H, W)."""
-    return p[:, None, None] if p.dim() == 1 else p[:, :, None, None]
-
-
 def _normalize(x, mean, scale, shift):
     acc = accumulation_dtype(x.dtype)
-    return (x.to(acc) - _per_element(mean)) * _per_element(scale) + _per_element(shift)
+    return (x.to(acc) - per_element(mean, x)) * per_element(scale, x) + per_element(shift, x)
+
+
+def _conv_functions(x):
+    """torch's (convolution, input gradient, weight gradient) for x's rank."""
+    if x.dim() == 4:
+        return torch.nn.functional.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight
+    return torch.nn.functional.conv3d, torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight
 
 
 # ---------------------------------------------------------------- norm_act_conv2d
@@ -122,7 +128,7 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
 def _reference_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
                        batch_invstd=None):
     a = activate(_normalize(x, mean, scale, shift), activation).to(weight.dtype)
-    y = torch.nn.functional.conv2d(a, weight, bias, stride, padding, dilation, groups)
+    y = _conv_functions(x)[0](a, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         y = y + residual
     return y.contiguous(memory_format=kernel_format(x))
@@ -138,7 +144,7 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
 
 # ---------------------------------------------------------------- norm_act_conv2d_into
 # The forward storing into the channel slice out[:, out_offset:out_offset + C_out]
-# of an NCHW- or channels_last-contiguous buffer; with compute_stats, the
+# of an NC(D)HW- or channels_last-contiguous buffer; with compute_stats, the
 # per-channel mean and biased variance of the stored values.
 norm_act_conv2d_into_op = registry.define("norm_act_conv2d_into", engines=tuple(conv_engines.ENGINES))
 
@@ -147,10 +153,10 @@ norm_act_conv2d_into_op = registry.define("norm_act_conv2d_into", engines=tuple(
 def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation, out, out_offset,
       compute_stats=False):
     _check_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation)
-    n, oc, oh, ow = _output_shape(x, weight, stride, padding, dilation)
+    n, oc, *spatial = _output_shape(x, weight, stride, padding, dilation)
     check_activation_input(out, "out")
-    if out.shape[0] != n or tuple(out.shape[2:]) != (oh, ow):
-        raise ValueError(f"out: expected shape ({n}, C_out, {oh}, {ow}), got {tuple(out.shape)}")
+    if out.dim() != x.dim() or out.shape[0] != n or list(out.shape[2:]) != spatial:
+        raise ValueError(f"out: expected shape ({n}, C_out, {', '.join(map(str, spatial))}), got {tuple(out.shape)}")
     if not 0 <= out_offset <= out.shape[1] - oc:
         raise ValueError(f"out_offset: expected 0 <= out_offset <= {out.shape[1] - oc} for {oc} output channels in "
                          f"a buffer of {out.shape[1]}, got {out_offset}")
@@ -158,8 +164,9 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
         raise TypeError(f"out: expected dtype {weight.dtype}, got {out.dtype}")
     check_same_device(x, out=out)
     if not out.is_contiguous(memory_format=kernel_format(out)):
-        raise ValueError(f"out: expected an NCHW- or channels_last-contiguous buffer, got strides {out.stride()}")
-    if compute_stats and n * oh * ow == 0:
+        layouts = "NCHW- or channels_last" if out.dim() == 4 else "NCDHW- or channels_last_3d"
+        raise ValueError(f"out: expected an {layouts}-contiguous buffer, got strides {out.stride()}")
+    if compute_stats and n * math.prod(spatial) == 0:
         raise ValueError("compute_stats: needs at least one output value per channel")
 
 
@@ -180,7 +187,7 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
     acc = accumulation_dtype(y.dtype)
     if not compute_stats:
         return y.new_empty((0,), dtype=acc), y.new_empty((0,), dtype=acc)
-    var, m = torch.var_mean(y.to(torch.float64), dim=(0, 2, 3), unbiased=False)
+    var, m = torch.var_mean(y.to(torch.float64), dim=reduced_dims(y), unbiased=False)
     return m.to(acc), var.to(acc)
 
 
@@ -206,10 +213,10 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
       batch_invstd=None):
     _check_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups, activation,
                    batch_invstd)
-    n, _, oh, ow = _output_shape(x, weight, stride, padding, dilation)
-    if n * oh * ow == 0:
+    shape = _output_shape(x, weight, stride, padding, dilation)
+    if shape[0] * math.prod(shape[2:]) == 0:
         raise ValueError(f"norm_act_conv2d_stats: needs at least one output value per channel, got output shape "
-                         f"{(n, weight.shape[0], oh, ow)}")
+                         f"{shape}")
 
 
 @norm_act_conv2d_stats_op.register_fake
@@ -226,7 +233,7 @@ def _(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, 
       batch_invstd=None):
     y = _reference_forward(x, mean, scale, shift, weight, bias, residual, stride, padding, dilation, groups,
                            activation)
-    var, m = torch.var_mean(y.to(torch.float64), dim=(0, 2, 3), unbiased=False)
+    var, m = torch.var_mean(y.to(torch.float64), dim=reduced_dims(y), unbiased=False)
     acc = accumulation_dtype(y.dtype)
     return y, m.to(acc), var.to(acc)
 
@@ -250,8 +257,9 @@ norm_act_conv2d_backward_op = registry.define("norm_act_conv2d_backward", engine
 def _(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups, activation, batch_invstd,
       output_mask):
     _check_unit(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation, batch_invstd)
-    if grad_out.dim() != 4 or grad_out.shape[:2] != (x.shape[0], weight.shape[0]):
-        raise ValueError(f"grad_out: expected shape ({x.shape[0]}, {weight.shape[0]}, H_out, W_out), got "
+    if grad_out.dim() != x.dim() or grad_out.shape[:2] != (x.shape[0], weight.shape[0]):
+        spatial = "H_out, W_out" if x.dim() == 4 else "D_out, H_out, W_out"
+        raise ValueError(f"grad_out: expected shape ({x.shape[0]}, {weight.shape[0]}, {spatial}), got "
                          f"{tuple(grad_out.shape)}")
     if grad_out.dtype != weight.dtype:
         raise TypeError(f"grad_out: expected dtype {weight.dtype}, got {grad_out.dtype}")
@@ -273,19 +281,19 @@ def _reference_stats_grad(x, centered, scale, grad_scale, grad_shift, invstd):
     """mean and scale are x's own statistics (BatchNorm's per channel,
     GroupNorm's per (sample, group)): their share of x's gradient."""
     if scale.dim() == 1:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
+        count = x.shape[0] * spatial_numel(x)
         grad_mean, grad_var = -scale * grad_shift, -0.5 * invstd**2 * scale * grad_scale
     else:
         n, c = scale.shape
         per_group = c // invstd.shape[1]
-        count = per_group * x.shape[2] * x.shape[3]
+        count = per_group * spatial_numel(x)
 
         def per_group_sum(t):
             return t.reshape(n, -1, per_group).sum(2).repeat_interleave(per_group, 1)
 
         grad_mean = -per_group_sum(scale * grad_shift)
         grad_var = -0.5 * invstd.repeat_interleave(per_group, 1)**2 * per_group_sum(scale * grad_scale)
-    return (_per_element(grad_mean) + 2 * _per_element(grad_var) * centered) / count
+    return (per_element(grad_mean, x) + 2 * per_element(grad_var, x) * centered) / count
 
 
 @norm_act_conv2d_backward_op.register_reference
@@ -293,20 +301,21 @@ def _(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups
       output_mask):
     grad_x = grad_scale = grad_shift = grad_weight = None
     z = _normalize(x, mean, scale, shift)
+    _, conv_input, conv_weight = _conv_functions(x)
     if output_mask[0]:
-        grad_a = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride, padding, dilation, groups)
+        grad_a = conv_input(x.shape, weight, grad_out, stride, padding, dilation, groups)
         dz = grad_a.to(z.dtype) * activation_grad(z, activation)
-        centered = x.to(z.dtype) - _per_element(mean)
-        dims = (0, 2, 3) if scale.dim() == 1 else (2, 3)
+        centered = x.to(z.dtype) - per_element(mean, x)
+        dims = reduced_dims(x) if scale.dim() == 1 else reduced_dims(x)[1:]
         grad_scale, grad_shift = (dz * centered).sum(dims), dz.sum(dims)
-        grad_x = dz * _per_element(scale)
+        grad_x = dz * per_element(scale, x)
         if batch_invstd is not None:
             grad_x = grad_x + _reference_stats_grad(x, centered, scale, grad_scale, grad_shift, batch_invstd)
         grad_x = grad_x.to(x.dtype).contiguous(memory_format=kernel_format(x))
         grad_scale, grad_shift = grad_scale.to(scale.dtype), grad_shift.to(scale.dtype)
     if output_mask[1]:
         a = activate(z, activation).to(weight.dtype)
-        grad_weight = torch.nn.grad.conv2d_weight(a, weight.shape, grad_out, stride, padding, dilation, groups)
+        grad_weight = conv_weight(a, weight.shape, grad_out, stride, padding, dilation, groups)
         grad_weight = grad_weight.to(weight.dtype).contiguous(memory_format=kernel_format(weight))
     return grad_x, grad_scale, grad_shift, grad_weight
 
@@ -321,9 +330,10 @@ def _(grad_out, x, mean, scale, shift, weight, stride, padding, dilation, groups
 
 # ---------------------------------------------------------------- entry points
 def conv_padding(padding, kernel_size, dilation):
-    """nn.Conv2d's padding argument (int, pair, 'valid' or 'same') as a pair of ints."""
+    """nn.Conv2d's (nn.Conv3d's) padding argument (an int, one per spatial dim,
+    'valid' or 'same') as one int per spatial dim of kernel_size."""
     if padding == "valid":
-        return (0, 0)
+        return (0,) * len(kernel_size)
     if padding == "same":
         total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
         if any(t % 2 for t in total):
@@ -331,8 +341,8 @@ def conv_padding(padding, kernel_size, dilation):
                              f"dilation {tuple(dilation)} does not give; pad explicitly")
         return tuple(t // 2 for t in total)
     if isinstance(padding, str):
-        raise ValueError(f"padding: expected an int, a pair of ints, 'valid' or 'same', got {padding!r}")
-    return _pair(padding)
+        raise ValueError(f"padding: expected an int, one int per spatial dim, 'valid' or 'same', got {padding!r}")
+    return _ntuple(len(kernel_size))(padding)
 
 
 def _autocast_compute(x, weight, bias):
@@ -350,9 +360,10 @@ def _autocast_compute(x, weight, bias):
 
 
 def conv_args(weight, stride, padding, dilation, groups, x=None):
-    """nn.Conv2d-style stride, padding and dilation as the ops' int lists,
-    checked (against x's shape when given)."""
-    stride, dilation = _pair(stride), _pair(dilation)
+    """nn.Conv2d-style (nn.Conv3d-style for a 5-D weight) stride, padding and
+    dilation as the ops' int lists, checked (against x's shape when given)."""
+    spatial = _ntuple(weight.dim() - 2)
+    stride, dilation = spatial(stride), spatial(dilation)
     padding = conv_padding(padding, weight.shape[2:], dilation)
     if x is not None:
         check_conv_args(x, weight, stride, padding, dilation, groups)

@@ -6,7 +6,7 @@ import torch
 
 from resfast.ops import registry
 from resfast.ops.checks import check_activation_input, triton_input
-from resfast.ops.layout import accumulation_dtype, kernel_format
+from resfast.ops.layout import accumulation_dtype, kernel_format, per_element, reduced_dims, spatial_numel
 
 ops = torch.ops.resfast
 
@@ -23,11 +23,11 @@ def _empty_like(x):
 
 
 def _values_per_channel(x):
-    return x.shape[0] * x.shape[2] * x.shape[3]
+    return x.shape[0] * spatial_numel(x)
 
 
 # ---------------------------------------------------------------- channel_stats
-# Per-channel mean and biased variance over (N, H, W).
+# Per-channel mean and biased variance over every dim but C.
 channel_stats_op = registry.define("channel_stats", cuda="cpp")
 
 
@@ -47,7 +47,7 @@ def _(x):
 @channel_stats_op.register_reference
 def _(x):
     acc = accumulation_dtype(x.dtype)
-    var, mean = torch.var_mean(x.to(torch.float64), dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(x.to(torch.float64), dim=reduced_dims(x), unbiased=False)
     return mean.to(acc), var.to(acc)
 
 
@@ -89,13 +89,9 @@ def _(x, mean, grad_mean, grad_var):
     return _empty_like(x)
 
 
-def _per_element(p):
-    return p[:, None, None] if p.dim() == 1 else p[:, :, None, None]
-
-
 @channel_stats_backward_op.register_reference
 def _(x, mean, grad_mean, grad_var):
-    g = (_per_element(grad_mean) + 2 * _per_element(grad_var) * (x.to(mean.dtype) - _per_element(mean)))
+    g = per_element(grad_mean, x) + 2 * per_element(grad_var, x) * (x.to(mean.dtype) - per_element(mean, x))
     return (g / _values_per_channel(x)).to(x.dtype).contiguous(memory_format=kernel_format(x))
 
 
@@ -151,9 +147,9 @@ def by_group(t, num_groups):
     return t.reshape(t.shape[0], num_groups, -1)
 
 
-def per_channel(per_group, channels):
-    """(N, G) values as (N, C, 1, 1), each group's value over its channels."""
-    return per_group.repeat_interleave(channels // per_group.shape[1], dim=1)[:, :, None, None]
+def per_channel(per_group, x):
+    """(N, G) values broadcastable against x (N, C, *), each group's value over its channels."""
+    return per_element(per_group.repeat_interleave(x.shape[1] // per_group.shape[1], dim=1), x)
 
 
 @group_stats_op.register_reference
@@ -187,9 +183,8 @@ def _(x, mean, grad_mean, grad_var):
 @group_stats_backward_op.register_reference
 def _(x, mean, grad_mean, grad_var):
     count = x[0].numel() // mean.shape[1]
-    c = x.shape[1]
-    centered = x.to(mean.dtype) - per_channel(mean, c)
-    g = (per_channel(grad_mean, c) + 2 * per_channel(grad_var, c) * centered) / count
+    centered = x.to(mean.dtype) - per_channel(mean, x)
+    g = (per_channel(grad_mean, x) + 2 * per_channel(grad_var, x) * centered) / count
     return g.to(x.dtype).contiguous(memory_format=kernel_format(x))
 
 

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from resfast.ops.checks import TRITON_DTYPES
-from resfast.ops.layout import conv_output_size, kernel_format
+from resfast.ops.layout import CHANNELS_LAST, conv_output_size, kernel_format
 
 
 class Forward(NamedTuple):
@@ -65,7 +65,7 @@ class Backward(NamedTuple):
 
 
 def _layout(t):
-    return "cl" if kernel_format(t) == torch.channels_last else "nchw"
+    return "cl" if kernel_format(t) in CHANNELS_LAST else "nchw"
 
 
 def _dtype(t):
@@ -86,8 +86,8 @@ def key(call) -> str:
     x, w = call.x, call.weight
     parts = ["fwd" if isinstance(call, Forward) else "bwd", "x" + "x".join(map(str, x.shape)), _dtype(x), _layout(x),
              "w" + "x".join(map(str, w.shape)), _dtype(w), "per-sample" if call.mean.dim() == 2 else "per-channel",
-             f"s{call.stride[0]}x{call.stride[1]}", f"p{call.padding[0]}x{call.padding[1]}",
-             f"d{call.dilation[0]}x{call.dilation[1]}", f"g{call.groups}", call.activation]
+             "s" + "x".join(map(str, call.stride)), "p" + "x".join(map(str, call.padding)),
+             "d" + "x".join(map(str, call.dilation)), f"g{call.groups}", call.activation]
     if isinstance(call, Forward):
         parts += [name for name, on in (("bias", call.bias is not None), ("residual", call.residual is not None),
                                         ("into", call.out is not None), ("stats", call.compute_stats)) if on]

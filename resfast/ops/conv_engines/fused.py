@@ -22,8 +22,11 @@ def _conv():
     return conv
 
 
-# Why the engine cannot run a call, or None.
-unsupported = calls.unsupported_by_triton
+def unsupported(call):
+    """Why the engine cannot run a call, or None."""
+    if call.x.dim() != 4:
+        return "3-D convolution (the implicit-GEMM kernels are 2-D)"
+    return calls.unsupported_by_triton(call)
 
 
 def _per_sample(call):

@@ -12,7 +12,7 @@ gradient (with the statistics' share folded in)."""
 import torch
 
 from resfast.ops.conv_engines import calls
-from resfast.ops.layout import kernel_format
+from resfast.ops.layout import kernel_format, spatial_numel
 
 ops = torch.ops.resfast
 
@@ -42,7 +42,7 @@ def forward(call):
     fmt = kernel_format(call.x)
     a = _activated(call, call.x)
     y = torch.ops.aten.convolution(a, call.weight, call.bias, call.stride, call.padding, call.dilation, False,
-                                   [0, 0], call.groups)
+                                   [0] * len(call.stride), call.groups)
     del a
     y = y.contiguous(memory_format=fmt)
     if call.residual is not None:
@@ -63,12 +63,12 @@ def _input_grad_coefs(call, grad_scale, grad_shift):
         zeros = torch.zeros_like(scale)
         return zeros, zeros
     if scale.dim() == 1:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
+        count = x.shape[0] * spatial_numel(x)
         grad_mean, grad_var = -scale * grad_shift, -0.5 * scale * invstd * invstd * grad_scale
     else:
         n, c = scale.shape
         groups = invstd.shape[1]
-        count = c // groups * x.shape[2] * x.shape[3]
+        count = c // groups * spatial_numel(x)
         grad_mean = -(scale * grad_shift).reshape(n, groups, -1).sum(2)
         grad_var = -0.5 * invstd * invstd * (scale * grad_scale).reshape(n, groups, -1).sum(2)
         grad_mean, grad_var = (t.repeat_interleave(c // groups, 1) for t in (grad_mean, grad_var))
@@ -85,7 +85,7 @@ def backward(call):
                                                            memory_format=fmt)
     grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
         call.grad_out.contiguous(memory_format=fmt), a, weight, None, call.stride, call.padding, call.dilation, False,
-        [0, 0], call.groups, [want_input, want_weight, False])
+        [0] * len(call.stride), call.groups, [want_input, want_weight, False])
     del a
     if want_weight:
         grad_weight = grad_weight.contiguous(memory_format=kernel_format(weight))
