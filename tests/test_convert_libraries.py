@@ -143,14 +143,16 @@ def test_diffusers_dropout_is_reported():
 
 # ---------------------------------------------------------------- MONAI, segmentation_models_pytorch
 @TRAINING
-def test_monai_segresnet(training):
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_monai_segresnet(spatial_dims, training):
+    """Pre-activation ResBlocks, GroupNorm(8) → ReLU → conv, on images and (MONAI's default) volumes."""
     monai = pytest.importorskip("monai")
     torch.manual_seed(0)
-    original = randomize(monai.networks.nets.SegResNet(spatial_dims=2, init_filters=8, in_channels=3,
+    original = randomize(monai.networks.nets.SegResNet(spatial_dims=spatial_dims, init_filters=8, in_channels=3,
                                                        out_channels=2)).double()
     converted = converted_copy(original, 25)
-    compare_models(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), training,
-                   dtype=torch.float64, tol=TOL)
+    x = torch.randn(2, 3, *([16] * spatial_dims), dtype=torch.float64)
+    compare_models(converted, original, x, training, dtype=torch.float64, tol=TOL)
 
 
 @TRAINING

@@ -3,6 +3,7 @@
 activation -> Conv3d, NCDHW and channels_last_3d. The ops' own 5-D samples
 are in tests/op_samples.py (every backend, gradcheck, opcheck)."""
 
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -81,10 +82,18 @@ def max_rel_error(a, e):
     return ((a.double() - e).abs().max() / e.abs().max()).item()
 
 
+def assert_within_twice_torch_error(ours, torch32, exact, name):
+    """Our float32 error against float64 torch at most twice torch's own
+    float32 error, or 1e-5 (float32 rounding of sums over 10^4-10^5 terms)."""
+    limit = max(2 * max_rel_error(torch32, exact), 1e-5)
+    assert max_rel_error(ours, exact) <= limit, f"{name}: {max_rel_error(ours, exact):.2e} > {limit:.2e} " \
+                                                f"(torch float32: {max_rel_error(torch32, exact):.2e})"
+
+
 @pytest.mark.parametrize("norm", ["bn", "norm"])
 def test_odd_volume_within_twice_torch_float32_error(norm):
     """33x47x29, training, a dense output gradient: our float32 error against
-    float64 torch at most twice torch's own float32 error (1e-6 floor)."""
+    float64 torch at most twice torch's own float32 error."""
     unit = resfast.nn.BNReLUConv3d(4, 5, 3, padding=1) if norm == "bn" else \
         resfast.nn.GNActConv3d(4, 5, 3, padding=1, num_groups=2, activation="relu")
     randomize(unit)
@@ -99,8 +108,7 @@ def test_odd_volume_within_twice_torch_float32_error(norm):
         y.backward(g.to(dtype))
         results.append([y.detach(), xin.grad, getattr(model, norm).weight.grad, model.conv.weight.grad])
     for name, ours, eager32, exact in zip(("output", "grad x", "grad norm weight", "grad conv weight"), *results):
-        limit = max(2 * max_rel_error(eager32, exact), 1e-6)
-        assert max_rel_error(ours, exact) <= limit, f"{name}: {max_rel_error(ours, exact):.2e} > {limit:.2e}"
+        assert_within_twice_torch_error(ours, eager32, exact, name)
 
 
 def test_units_save_only_their_input():
@@ -220,3 +228,75 @@ def test_triton_engine_refuses_volumes():
             y = resfast.ops.norm_act_conv2d(x, vec, vec, vec, weight, padding=1)
     expected = resfast.ops.norm_act_conv2d(x, vec, vec, vec, weight, padding=1)
     assert max_rel_error(y, expected.double()) < 1e-5
+
+
+class PlainUNet3d(nn.Module):
+    """A 3-D U-Net as users write one with torch.nn: post-activation
+    Conv3d → norm → ReLU blocks, torch.cat skips, a norm → ReLU → 1x1x1 head."""
+
+    def __init__(self, norm="group", widths=(8, 16)):
+        super().__init__()
+
+        def norm_layer(c):
+            return nn.GroupNorm(4, c) if norm == "group" else nn.BatchNorm3d(c)
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1), norm_layer(cout), nn.ReLU(inplace=True),
+                                 nn.Conv3d(cout, cout, 3, padding=1), norm_layer(cout), nn.ReLU(inplace=True))
+
+        self.down = block(1, widths[0])
+        self.bottom = block(widths[0], widths[1])
+        self.up = nn.ConvTranspose3d(widths[1], widths[0], 2, stride=2)
+        self.decode = block(2 * widths[0], widths[0])
+        self.head = nn.Sequential(norm_layer(widths[0]), nn.ReLU(), nn.Conv3d(widths[0], 2, 1))
+
+    def forward(self, x):
+        skip = self.down(x)
+        y = self.up(self.bottom(nn.functional.max_pool3d(skip, 2)))
+        return self.head(self.decode(torch.cat([skip, y], 1)))
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_convert_plain_unet3d_within_twice_torch_float32_error(norm):
+    """resfast.convert fuses each block's norm → ReLU → Conv3d and the head;
+    converted in float32, outputs and gradients against the original in
+    float64 at most twice the original's own float32 error."""
+    torch.manual_seed(0)
+    original = randomize(PlainUNet3d(norm))
+    converted, report = resfast.convert(original)
+    assert report.units == 4, str(report)
+    converted.load_state_dict(original.state_dict(), strict=True)
+    exact = copy.deepcopy(original).double()
+    x = torch.randn(2, 1, 12, 10, 14)
+    g = torch.randn(2, 2, 12, 10, 14, dtype=torch.float64)
+    results = []
+    for model, dtype in ((converted, torch.float32), (original, torch.float32), (exact, torch.float64)):
+        xin = x.to(dtype, copy=True).requires_grad_()
+        y = model.train()(xin)
+        y.backward(g.to(dtype))
+        results.append([y.detach(), xin.grad] + [p.grad for p in model.parameters()])
+    names = ["output", "grad x"] + [f"grad {name}" for name, _ in original.named_parameters()]
+    for name, ours, eager32, expected in zip(names, *results):
+        assert_within_twice_torch_error(ours, eager32, expected, name)
+
+
+def test_convert_monai_segresnet3d_saves_055x():
+    """MONAI's SegResNet (3-D, its default): 25 fused GroupNorm → ReLU →
+    Conv3d units. Each ResBlock keeps its input and its first convolution's
+    output, the least a block whose two normalisations follow convolutions
+    can keep without recomputing one: 0.55x the original's saved bytes."""
+    monai = pytest.importorskip("monai")
+    torch.manual_seed(0)
+    original = randomize(monai.networks.nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2))
+    converted, report = resfast.convert(original, example_inputs=torch.randn(1, 1, 32, 32, 32))
+    assert report.units == 25 and not report.skipped, str(report)
+    assert report.saved_ratio <= 0.56, str(report)
+
+
+def test_convert_refuses_a_batch_norm_of_the_other_rank():
+    """nn.BatchNorm2d rejects the 5-D input an nn.Conv3d takes: such a chain is
+    reported, not fused into a unit that would accept it."""
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv3d(4, 4, 3))
+    converted, report = resfast.convert(model)
+    assert report.units == 0
+    assert [s.reason for s in report.skipped] == ["BatchNorm2d feeds a 3-D convolution Conv3d"]

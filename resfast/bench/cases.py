@@ -273,10 +273,30 @@ QUICK_MODELS = [ResNetV2Case("ResNet-200 @64", (3, 24, 36, 3), 64),
                 DenseNetCase("DenseNet-121 @64", (6, 12, 24, 16), 64),
                 DenseNetCase("DenseNet-264 @64", (6, 12, 64, 48), 64)]
 
+@dataclass(frozen=True)
+class SegResNetCase(_Case):
+    """MONAI's SegResNet (3-D, its defaults) against resfast.convert of it."""
+
+    batch = {"cuda": 2, "cpu": 1, "quick": 1}
+
+    name: str
+    size: int
+
+    def build(self, batch, device, dtype, channels_last):
+        from monai.networks.nets import SegResNet
+
+        eager = SegResNet(spatial_dims=3, in_channels=1, out_channels=2)
+        ours, _ = resfast.convert(eager)
+        x = torch.randn(batch, 1, self.size, self.size, self.size)
+        return _place(eager, ours, x, device, dtype, channels_last)
+
+
 # Volumes (CT/MRI crops): one channel in, GroupNorm(8) as MONAI's nets use it.
 VOLUME_UNET = (32, 64, 128, 256)
-VOLUMES = [UNetCase("3-D U-Net GN (32-256) @128", VOLUME_UNET, "group", 128, 3, 1, 8)]
-QUICK_VOLUMES = [UNetCase("3-D U-Net GN (32-256) @64", VOLUME_UNET, "group", 64, 3, 1, 8)]
+VOLUMES = [UNetCase("3-D U-Net GN (32-256) @128", VOLUME_UNET, "group", 128, 3, 1, 8),
+           SegResNetCase("MONAI SegResNet 3-D converted @128", 128)]
+QUICK_VOLUMES = [UNetCase("3-D U-Net GN (32-256) @64", VOLUME_UNET, "group", 64, 3, 1, 8),
+                 SegResNetCase("MONAI SegResNet 3-D converted @64", 64)]
 
 SUITES = {"ops": OPS, "blocks": BLOCKS, "models": MODELS, "volumes": VOLUMES}
 QUICK_SUITES = {"ops": QUICK_OPS, "blocks": QUICK_BLOCKS, "models": QUICK_MODELS, "volumes": QUICK_VOLUMES}

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from resfast.conversion.units import Unsupported, activation_call_kind, activation_module_kind, conv_kind, \
-    is_pass_through, norm_act_conv, norm_kind
+    is_pass_through, norm_act_conv, norm_kind, rank_mismatch
 
 
 def is_plain_sequential(m: nn.Module) -> bool:
@@ -239,6 +239,9 @@ def _chain_from(norm_node, scope):
             if conv is not None:
                 if len(user.args) != 1 or user.kwargs:
                     return None
+                mismatch = rank_mismatch(scope.get_submodule(norm_node.target), m)
+                if mismatch:
+                    reasons.append(mismatch)
                 nodes.append(user)
                 parts = [_describe(n) for n in nodes]
                 if reasons:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resfast.nn.batch_norm import BATCH_NORMS, SyncBatchNorm2d, direct
+from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, direct
 from resfast.nn.group_norm import GroupNorm
 from resfast.nn.norm_conv import affine_conv, batch_norm_conv, conv_arguments, group_norm_affine
 from resfast.ops import conv_padding
@@ -63,7 +63,7 @@ def is_pass_through(m: nn.Module) -> bool:
     recognised and refused."""
     if type(m) is nn.Identity:
         return True
-    if type(m) in (nn.Dropout, nn.Dropout2d):
+    if type(m) in (nn.Dropout, nn.Dropout2d, nn.Dropout3d):
         if m.p == 0:
             return True
         raise Unsupported(f"{type(m).__name__}(p={m.p}) between the normalisation and the convolution")
@@ -92,38 +92,50 @@ def norm_kind(m: nn.Module):
         return "batch", _folded_activation(m, "BatchNormAct2d")
     if layers is not None and type(m) is layers.GroupNormAct:
         return "group", _folded_activation(m, "GroupNormAct")
-    if type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d):
+    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SyncBatchNorm2d):
         return "batch", None
     if type(m) in (nn.GroupNorm, GroupNorm):
         return "group", None
-    if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm)):
         raise Unsupported(f"normalisation {type(m).__name__} has its own forward")
     return None
 
 
 # ------------------------------------------------------------- convolutions
 def conv_kind(m: nn.Module):
-    """'plain' or 'standardised' (timm's StdConv2d: weight standardisation per
-    forward) for a convolution the fused op computes exactly; Unsupported for
-    a recognised one it cannot; None for anything else."""
+    """'plain' (nn.Conv2d, nn.Conv3d) or 'standardised' (timm's StdConv2d:
+    weight standardisation per forward) for a convolution the fused op
+    computes exactly; Unsupported for a recognised one it cannot; None for
+    anything else."""
     layers = _timm_layers()
-    if type(m) is nn.Conv2d or (layers is not None and type(m) is layers.StdConv2d):
+    if type(m) in (nn.Conv2d, nn.Conv3d) or (layers is not None and type(m) is layers.StdConv2d):
         if m.padding_mode != "zeros":
             raise Unsupported(f"conv padding_mode={m.padding_mode!r}")
         try:
             conv_padding(m.padding, m.kernel_size, m.dilation)
         except ValueError as e:
             raise Unsupported(f"conv {e}") from None
-        return "plain" if type(m) is nn.Conv2d else "standardised"
-    if isinstance(m, nn.Conv2d):
+        return "plain" if type(m) in (nn.Conv2d, nn.Conv3d) else "standardised"
+    if isinstance(m, (nn.Conv2d, nn.Conv3d)):
         raise Unsupported(f"convolution {type(m).__name__} has its own forward")
     return None
 
 
-def conv_weight(conv: nn.Conv2d) -> torch.Tensor:
+def rank_mismatch(norm: nn.Module, conv: nn.Module):
+    """Why a BatchNorm of one rank cannot be fused with a convolution of
+    another (nn.BatchNorm2d would reject the 5-D input an nn.Conv3d takes), or
+    None."""
+    norm_rank = 2 if isinstance(norm, nn.BatchNorm2d) else 3 if isinstance(norm, nn.BatchNorm3d) else None
+    conv_rank = 3 if isinstance(conv, nn.Conv3d) else 2
+    if norm_rank is not None and norm_rank != conv_rank:
+        return f"{type(norm).__name__} feeds a {conv_rank}-D convolution {type(conv).__name__}"
+    return None
+
+
+def conv_weight(conv: nn.Module) -> torch.Tensor:
     """The weight conv's forward convolves with: timm's StdConv2d standardises
     each output channel's weights in every forward, exactly as it does."""
-    if type(conv) is nn.Conv2d:
+    if type(conv) in (nn.Conv2d, nn.Conv3d):
         return conv.weight
     if type(conv) is not getattr(_timm_layers(), "StdConv2d", None):
         raise TypeError(f"conv: expected an nn.Conv2d or timm's StdConv2d, got {type(conv).__name__}")
@@ -137,7 +149,7 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, conv: nn.Conv2d, activation:
     parameters, buffers and training mode (the norm's, as its forward would
     use): what a converted model's forward calls in place of the chain."""
     weight = conv_weight(conv)
-    if isinstance(norm, BATCH_NORMS):
+    if isinstance(norm, BATCH_NORMS + BATCH_NORMS_3D):
         return batch_norm_conv(norm, conv, x, norm.training, activation=activation, weight=weight)
     if direct(x, None, weight):
         return torch.ops.resfast.group_norm_act_conv2d(x, norm.num_groups, norm.weight, norm.bias, norm.eps, weight,
