@@ -152,6 +152,7 @@ _UNITS = [
     ("3d-k1-cl-gn-chunked", 2, 4, (4, 5, 4), 6, 1, 1, 0, 1, 1, "silu", "channels_last", False, True, "sample"),
     ("3d-k3s2-slice-gn", 1, 4, (5, 3, 6), 4, 3, 2, 1, 1, 2, "identity", "slice", True, False, "sample"),
     ("3d-k3-cl-relu", 2, 3, (4, 3, 5), 4, 3, 1, 1, 1, 1, "relu", "channels_last", False, False, "channel"),
+    ("3d-k1-ncdhw-relu", 2, 6, (4, 4, 5), 4, 1, 1, 0, 1, 1, "relu", "nchw", True, True, "channel"),
 ]
 _UNITS_3D = [case for case in _UNITS if len(case[3]) == 3]
 
@@ -249,7 +250,7 @@ def norm_act_conv2d_backward(dtype, device):
                                               (_UNITS[2], [False, True], False), (_UNITS[3], [True, True], True),
                                               (_UNITS[4], [True, True], True), (_UNITS_3D[0], [True, True], True),
                                               (_UNITS_3D[1], [True, True], True), (_UNITS_3D[2], [True, False], False),
-                                              (_UNITS_3D[3], [False, True], False)]):
+                                              (_UNITS_3D[3], [False, True], False), (_UNITS_3D[4], [True, True], True)]):
         x, mean, scale, shift, weight, _, residual, conv = _unit(case, dtype, device)
         y_shape = _output_shape(x, weight, conv)
         grad_out = _x(tuple(y_shape), dtype, device, "channels_last" if case[11] == "channels_last" else "nchw")

@@ -22,11 +22,40 @@ def _conv():
     return conv
 
 
+def _pointwise_3d(call):
+    """A 3-D convolution with a 1x1x1 kernel and stride 1: over the (D*H, W)
+    view of NCDHW or channels_last_3d tensors it is the same 1x1 convolution
+    in 2-D, which the kernels run."""
+    return call.x.dim() == 5 and tuple(call.weight.shape[2:]) == (1, 1, 1) and tuple(call.stride) == (1, 1, 1) \
+        and tuple(call.padding) == (0, 0, 0)
+
+
 def unsupported(call):
     """Why the engine cannot run a call, or None."""
-    if call.x.dim() != 4:
-        return "3-D convolution (the implicit-GEMM kernels are 2-D)"
+    if call.x.dim() != 4 and not _pointwise_3d(call):
+        return "3-D convolution with a kernel larger than 1x1x1 or a stride (the implicit-GEMM kernels are 2-D)"
     return calls.unsupported_by_triton(call)
+
+
+def _flat(t):
+    """A 5-D tensor as its (N, C, D*H, W) view (a view for both dense layouts)."""
+    return None if t is None else t.flatten(2, 3)
+
+
+def _as_2d(call):
+    """A 1x1x1 3-D call as the 2-D call on flattened views, and the depth D
+    that unflattens its results."""
+    spatial = dict(stride=call.stride[1:], padding=call.padding[1:], dilation=call.dilation[1:])
+    if isinstance(call, calls.Forward):
+        flat = call._replace(x=_flat(call.x), weight=_flat(call.weight), residual=_flat(call.residual),
+                             out=_flat(call.out), **spatial)
+    else:
+        flat = call._replace(grad_out=_flat(call.grad_out), x=_flat(call.x), weight=_flat(call.weight), **spatial)
+    return flat, call.x.shape[2]
+
+
+def _unflatten(t, depth):
+    return None if t is None else t.unflatten(2, (depth, -1))
 
 
 def _per_sample(call):
@@ -38,6 +67,10 @@ def _per_sample(call):
 def forward(call):
     """(y, stats): y the output (or the written slice of call.out), stats its
     per-channel (mean, var) when call.compute_stats."""
+    if call.x.dim() == 5:
+        flat, depth = _as_2d(call)
+        y, stats = forward(flat)
+        return _unflatten(y, depth), stats
     launch = _conv().norm_act_conv2d_forward
     y = call.destination()
     y = call.fresh_output() if y is None else y
@@ -68,6 +101,12 @@ def _group_stats_grad(x, mean, scale, grad_scale, grad_shift, invstd):
 
 
 def backward(call):
+    if call.x.dim() == 5:
+        flat, depth = _as_2d(call)
+        grad_x, grad_scale, grad_shift, grad_weight = backward(flat)
+        if grad_weight is not None:
+            grad_weight = grad_weight.reshape(call.weight.shape).contiguous(memory_format=kernel_format(call.weight))
+        return _unflatten(grad_x, depth), grad_scale, grad_shift, grad_weight
     x, weight, mask = call.x, call.weight, call.output_mask
     conv_args = (call.stride, call.padding, call.dilation, call.groups, call.activation)
     if _per_sample(call):
