@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import resfast
-from utils import assert_close, compare_models, randomize
+from utils import assert_close, assert_param_grads_close, compare_models, randomize
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -36,16 +36,7 @@ def compare_outputs(ours, ref, inputs, training, output=lambda y: y):
     for y in ys:
         y.backward(grad)
     assert_close(ys[1], ys[0], torch.float64, "output", TOL)
-    ref_params = dict(ref.named_parameters())
-    # A gradient that cancels to zero (a bias before a normalisation, an
-    # attention key's bias) is measured against its module's largest.
-    module_scale = {}
-    for name, q in ref_params.items():
-        module = name.rpartition(".")[0]
-        module_scale[module] = max(module_scale.get(module, 0.0), q.grad.abs().max().item())
-    for name, p in ours.named_parameters():
-        assert_close(p.grad, ref_params[name].grad, torch.float64, f"grad {name}", TOL,
-                     floor=module_scale[name.rpartition(".")[0]])
+    assert_param_grads_close(ours, ref, torch.float64, TOL)
     ref_buffers = dict(ref.named_buffers())
     for name, b in ours.named_buffers():
         assert torch.equal(b, ref_buffers[name]) or torch.allclose(b, ref_buffers[name], rtol=1e-12), name

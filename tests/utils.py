@@ -50,6 +50,21 @@ def randomize(model):
     return model
 
 
+def assert_param_grads_close(ours, ref, dtype, tol=None):
+    """Each of ours' parameter gradients against ref's parameter of the same
+    name. A gradient that cancels to zero (a bias before a training-mode
+    BatchNorm, an attention key's bias) is exact only up to the rounding of
+    the terms that cancel: it is measured against its module's largest."""
+    ref_params = dict(ref.named_parameters())
+    module_scale = {}
+    for name, p in ref_params.items():
+        module = name.rpartition(".")[0]
+        module_scale[module] = max(module_scale.get(module, 0.0), p.grad.abs().max().item())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, dtype, f"grad {name}", tol,
+                     floor=module_scale[name.rpartition(".")[0]])
+
+
 def _as_list(y):
     return [y] if isinstance(y, torch.Tensor) else list(y)
 
@@ -74,16 +89,7 @@ def compare_models(ours, ref, x, training, backend="auto", dtype=torch.float32, 
         assert_close(out, out_ref, dtype, f"output {i}", tol)
     if grads:
         assert_close(xin.grad, x_ref.grad, dtype, "grad input", tol)
-        ref_params = dict(ref.named_parameters())
-        # A bias followed by a training-mode BatchNorm has a zero gradient,
-        # computed as a sum that cancels: measure it against its module's weight.
-        module_scale = {}
-        for name, p in ref_params.items():
-            module = name.rpartition(".")[0]
-            module_scale[module] = max(module_scale.get(module, 0.0), p.grad.abs().max().item())
-        for name, p in ours.named_parameters():
-            assert_close(p.grad, ref_params[name].grad, dtype, f"grad {name}", tol,
-                         floor=module_scale[name.rpartition(".")[0]])
+        assert_param_grads_close(ours, ref, dtype, tol)
     ref_buffers = dict(ref.named_buffers())
     for name, b in ours.named_buffers():
         if b.is_floating_point():
