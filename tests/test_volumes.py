@@ -300,3 +300,31 @@ def test_convert_refuses_a_batch_norm_of_the_other_rank():
     converted, report = resfast.convert(model)
     assert report.units == 0
     assert [s.reason for s in report.skipped] == ["BatchNorm2d feeds a 3-D convolution Conv3d"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rank", [4, 5])
+def test_backward_with_gradients_in_the_other_layout(rank, dtype):
+    """The CPU backward converts between NC(D)HW and channels_last(_3d) in
+    tiles (csrc/cpu/layout_copy.cpp): 2-, 4- and 8-byte elements, an output
+    gradient in the other layout than x, odd sizes; against the reference."""
+    spatial = (5, 7, 6)[-(rank - 2):]
+    cl = torch.channels_last if rank == 4 else CL3D
+    x = (torch.randn(2, 5, *spatial) * 1.5 + 0.3).to(dtype)
+    weight = (torch.randn(3, 5, *([3] * (rank - 2))) * 0.2).to(dtype)
+    mean, scale, shift = torch.randn(5).double(), torch.rand(5).double() + 0.5, torch.randn(5).double()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    args = [t.to(acc) for t in (mean, scale, shift)]
+    stride = padding = dilation = [1] * (rank - 2)
+    for x_layout, grad_layout in ((torch.contiguous_format, cl), (cl, torch.contiguous_format)):
+        xin = x.contiguous(memory_format=x_layout)
+        grad = torch.randn(2, 3, *spatial).to(dtype).contiguous(memory_format=grad_layout)
+        call = (grad, xin, *args, weight, stride, padding, dilation, 1, "relu", None, [True, True])
+        with resfast.backend("reference"):
+            expected = torch.ops.resfast.norm_act_conv2d_backward(*[t.double() if isinstance(t, torch.Tensor) else t
+                                                                   for t in call])
+        actual = torch.ops.resfast.norm_act_conv2d_backward(*call)
+        for name, a, e in zip(("grad x", "grad scale", "grad shift", "grad weight"), actual, expected):
+            tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float64: 1e-12}[dtype]
+            assert max_rel_error(a, e) < tol, f"{name}: {max_rel_error(a, e):.2e}"
+        assert actual[0].is_contiguous(memory_format=x_layout)

@@ -19,6 +19,7 @@
 #include "conv1x1.h"
 #include "conv_epilogue.h"
 #include "dispatch.h"
+#include "layout_copy.h"
 #include "norm_act_passes.h"
 #include "stats_grad.h"
 
@@ -284,15 +285,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
     // an uninitialised tensor stands in for it. One ATen call computes both.
     const at::MemoryFormat format = backward_format(u, weight);
     const at::Tensor a =
-        want_weight ? normalize_activate(u, weight.scalar_type()).contiguous(format)
+        want_weight ? to_format(normalize_activate(u, weight.scalar_type()), format)
                     : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(format));
     auto [grad_a, grad_w, unused_bias] =
-        at::convolution_backward(grad_out.contiguous(format), a, weight, std::nullopt, stride, padding, dilation,
+        at::convolution_backward(to_format(grad_out, format), a, weight, std::nullopt, stride, padding, dilation,
                                  false, std::vector<int64_t>(stride.size(), 0), groups,
                                  {want_input, want_weight, false});
     if (want_weight) grad_weight = grad_w.contiguous(kernel_format(weight));
     if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
-    grad_a = grad_a.contiguous(u.format);
+    grad_a = to_format(grad_a, u.format);
 
     grad_x = at::empty(u.x.sizes(), u.x.options().memory_format(u.format));
     dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {
