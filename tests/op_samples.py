@@ -250,7 +250,8 @@ def norm_act_conv2d_backward(dtype, device):
                                               (_UNITS[2], [False, True], False), (_UNITS[3], [True, True], True),
                                               (_UNITS[4], [True, True], True), (_UNITS_3D[0], [True, True], True),
                                               (_UNITS_3D[1], [True, True], True), (_UNITS_3D[2], [True, False], False),
-                                              (_UNITS_3D[3], [False, True], False), (_UNITS_3D[4], [True, True], True)]):
+                                              (_UNITS_3D[3], [False, True], False),
+                                              (_UNITS_3D[4], [True, True], True)]):
         x, mean, scale, shift, weight, _, residual, conv = _unit(case, dtype, device)
         y_shape = _output_shape(x, weight, conv)
         grad_out = _x(tuple(y_shape), dtype, device, "channels_last" if case[11] == "channels_last" else "nchw")
