@@ -23,7 +23,7 @@ TORCH_LIBRARY(resfast, m) {
   // gamma[c] * batch_invstd[n, c // (C / G)].
   m.def(
       "norm_act_conv2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
-      "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor? bias, Tensor? residual, int[] stride, int[] padding, int[] dilation, "
       "int groups, str activation, Tensor? batch_invstd=None) -> Tensor");
   // norm_act_conv2d whose epilogue stores the result into the channel slice
   // out[:, out_offset:out_offset + C_out] of a preallocated NCHW- or
@@ -34,7 +34,7 @@ TORCH_LIBRARY(resfast, m) {
   // autograd: callers compose its gradient from norm_act_conv2d_backward.
   m.def(
       "norm_act_conv2d_into(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
-      "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor? bias, Tensor? residual, int[] stride, int[] padding, int[] dilation, "
       "int groups, str activation, Tensor(a!) out, int out_offset, bool compute_stats=False) "
       "-> (Tensor mean, Tensor var)");
   // norm_act_conv2d that also returns the per-channel mean and biased variance
@@ -44,7 +44,7 @@ TORCH_LIBRARY(resfast, m) {
   // (their consumer folds it into its own input gradient via batch_invstd).
   m.def(
       "norm_act_conv2d_stats(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor weight, "
-      "Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor? bias, Tensor? residual, int[] stride, int[] padding, int[] dilation, "
       "int groups, str activation, Tensor? batch_invstd=None) -> (Tensor y, Tensor y_mean, Tensor y_var)");
   // Both gradients of norm_act_conv2d in one op, so the CPU makes a single
   // convolution-backward call. With dz = act'(z) * conv2d_input_grad(grad_out):
@@ -58,7 +58,7 @@ TORCH_LIBRARY(resfast, m) {
   // masked-off outputs are undefined (None).
   m.def(
       "norm_act_conv2d_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
-      "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
+      "Tensor weight, int[] stride, int[] padding, int[] dilation, int groups, str activation, "
       "Tensor? batch_invstd, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, Tensor grad_weight)");
   // GroupNorm of an (N, C, H, W) tensor with G = num_groups groups of C / G
@@ -110,10 +110,10 @@ TORCH_LIBRARY(resfast, m) {
   m.def(
       "batch_norm_act_conv2d(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? bn_weight, "
       "Tensor? bn_bias, bool training, float momentum, float eps, Tensor weight, Tensor? bias, Tensor? residual, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, Tensor? batch_mean=None, "
+      "int[] stride, int[] padding, int[] dilation, int groups, str activation, Tensor? batch_mean=None, "
       "Tensor? batch_var=None) -> Tensor");
   m.def(
       "group_norm_act_conv2d(Tensor x, int num_groups, Tensor? norm_weight, Tensor? norm_bias, float eps, "
-      "Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, "
       "str activation) -> Tensor");
 }

@@ -222,7 +222,7 @@ def test_triton_engine_refuses_volumes():
     x, vec = volume("k3"), torch.rand(4) + 0.5
     weight = torch.randn(6, 4, 3, 3, 3)
     with resfast.backend("triton"):
-        with resfast.ops.conv_impl("triton"), pytest.raises(ValueError, match="kernel larger than 1x1x1"):
+        with resfast.ops.conv_impl("triton"), pytest.raises(ValueError, match="3-D convolution other than 1x1x1"):
             resfast.ops.norm_act_conv2d(x, vec, vec, vec, weight, padding=1)
         with resfast.ops.conv_impl("auto"):
             y = resfast.ops.norm_act_conv2d(x, vec, vec, vec, weight, padding=1)
@@ -280,7 +280,7 @@ def test_convert_plain_unet3d_within_twice_torch_float32_error(norm):
         assert_within_twice_torch_error(ours, eager32, expected, name)
 
 
-def test_convert_monai_segresnet3d_saves_055x():
+def test_convert_monai_segresnet3d_saved_activations():
     """MONAI's SegResNet (3-D, its default): 25 fused GroupNorm → ReLU →
     Conv3d units. Each ResBlock keeps its input and its first convolution's
     output, the least a block whose two normalisations follow convolutions
@@ -310,15 +310,15 @@ def test_backward_with_gradients_in_the_other_layout(rank, dtype):
     gradient in the other layout than x, odd sizes; against the reference."""
     spatial = (5, 7, 6)[-(rank - 2):]
     cl = torch.channels_last if rank == 4 else CL3D
-    x = (torch.randn(2, 5, *spatial) * 1.5 + 0.3).to(dtype)
-    weight = (torch.randn(3, 5, *([3] * (rank - 2))) * 0.2).to(dtype)
-    mean, scale, shift = torch.randn(5).double(), torch.rand(5).double() + 0.5, torch.randn(5).double()
+    x = (torch.randn(2, 19, *spatial) * 1.5 + 0.3).to(dtype)  # 19 channels: a partial tile of 16
+    weight = (torch.randn(17, 19, *([3] * (rank - 2))) * 0.1).to(dtype)
+    mean, scale, shift = torch.randn(19).double(), torch.rand(19).double() + 0.5, torch.randn(19).double()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     args = [t.to(acc) for t in (mean, scale, shift)]
     stride = padding = dilation = [1] * (rank - 2)
     for x_layout, grad_layout in ((torch.contiguous_format, cl), (cl, torch.contiguous_format)):
         xin = x.contiguous(memory_format=x_layout)
-        grad = torch.randn(2, 3, *spatial).to(dtype).contiguous(memory_format=grad_layout)
+        grad = torch.randn(2, 17, *spatial).to(dtype).contiguous(memory_format=grad_layout)
         call = (grad, xin, *args, weight, stride, padding, dilation, 1, "relu", None, [True, True])
         with resfast.backend("reference"):
             expected = torch.ops.resfast.norm_act_conv2d_backward(*[t.double() if isinstance(t, torch.Tensor) else t
@@ -328,3 +328,23 @@ def test_backward_with_gradients_in_the_other_layout(rank, dtype):
             tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float64: 1e-12}[dtype]
             assert max_rel_error(a, e) < tol, f"{name}: {max_rel_error(a, e):.2e}"
         assert actual[0].is_contiguous(memory_format=x_layout)
+
+
+def test_sync_batch_norm_for_volumes():
+    """convert_sync_batchnorm gives volumes' BatchNorm3d a SyncBatchNorm3d
+    (inside BNReLUConv3d too); with one process it normalises as before."""
+    unit = bn_unit("k3")
+    twin = eager_twin(unit, "bn", "relu")
+    model = resfast.nn.convert_sync_batchnorm(nn.Sequential(unit, nn.BatchNorm3d(6)))
+    assert type(model[0].bn) is resfast.nn.SyncBatchNorm3d and type(model[1]) is resfast.nn.SyncBatchNorm3d
+    x = volume("k3")
+    assert max_rel_error(model[0](x).detach(), twin.double()(x.double()).detach()) < 1e-5
+    with pytest.raises(ValueError, match="expected 5D input"):
+        model[1](torch.randn(2, 6, 4, 4))
+
+
+def test_dense_block_rejects_volumes():
+    with pytest.raises(ValueError, match=r"x: expected a 4-D \(N, C, H, W\) tensor for a dense block"):
+        resfast.nn.DenseBlock(2, 4, 2, 4)(torch.randn(1, 4, 3, 3, 3))
+    with pytest.raises(ValueError, match="input: expected 5-D parts for a 3-D block"):
+        resfast.nn.PreActResBlock(4, 4, num_groups=2, spatial_dims=3)(torch.randn(1, 4, 6, 6))

@@ -199,11 +199,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_stats(
 
 // The layout the backward convolution runs in. oneDNN's 3-D convolution
 // backward runs up to twice as fast on channels_last_3d as on NCDHW (AMD EPYC,
-// float32, 32->32 3x3x3 at 48^3: 362 -> 187 ms with the forward), so a 3-D
-// unit given NCDHW input converts its recomputed temporary and the output
-// gradient, and converts the input gradient back: three memory passes for
-// a large share of the convolution. The forward gains too little to pay for
-// its two conversions; float64 runs ATen's own kernels, which gain nothing.
+// float32, 32->32 3x3x3 at 48^3, forward and backward: 362 -> 187 ms), so a
+// 3-D unit given NCDHW input converts its recomputed temporary and the output
+// gradient, and converts the input gradient back (in tiles, layout_copy.h):
+// the unit's backward there went from 234 to 155 ms. The forward convolution
+// gained nothing measurable; float64 runs ATen's own kernels either way.
 at::MemoryFormat backward_format(const UnitArgs& u, const at::Tensor& weight) {
   const auto t = weight.scalar_type();
   if (u.x.dim() == 5 && (t == at::kFloat || t == at::kBFloat16)) return at::MemoryFormat::ChannelsLast3d;

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, direct
+from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d, direct
 from resfast.nn.group_norm import GroupNorm
 from resfast.nn.norm_conv import affine_conv, batch_norm_conv, conv_arguments, group_norm_affine
 from resfast.ops import conv_padding
@@ -92,7 +92,7 @@ def norm_kind(m: nn.Module):
         return "batch", _folded_activation(m, "BatchNormAct2d")
     if layers is not None and type(m) is layers.GroupNormAct:
         return "group", _folded_activation(m, "GroupNormAct")
-    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SyncBatchNorm2d):
+    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SyncBatchNorm2d, SyncBatchNorm3d):
         return "batch", None
     if type(m) in (nn.GroupNorm, GroupNorm):
         return "group", None
@@ -138,7 +138,7 @@ def conv_weight(conv: nn.Module) -> torch.Tensor:
     if type(conv) in (nn.Conv2d, nn.Conv3d):
         return conv.weight
     if type(conv) is not getattr(_timm_layers(), "StdConv2d", None):
-        raise TypeError(f"conv: expected an nn.Conv2d or timm's StdConv2d, got {type(conv).__name__}")
+        raise TypeError(f"conv: expected an nn.Conv2d, nn.Conv3d or timm's StdConv2d, got {type(conv).__name__}")
     return F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, training=True, momentum=0.,
                         eps=conv.eps).reshape_as(conv.weight)
 

@@ -2,7 +2,7 @@
 elementwise passes are the per-(sample, channel) kernels of pointwise.py).
 
 x is addressed as (N, HW, C) with strides (sn, shw, sc), which covers both
-NCHW- and channels_last-contiguous tensors; tiles are [BLOCK_HW, BLOCK_C] with
+NC(D)HW- and channels_last(_3d)-contiguous tensors (HW: every spatial position); tiles are [BLOCK_HW, BLOCK_C] with
 channels contiguous in the channels_last configs.
 
 The reduction is split over many programs per (sample, group): a program

@@ -2,7 +2,7 @@
 backward's per-channel sums, and the centered-affine input gradient.
 
 x is addressed as (N, HW, C) with strides (sn, shw, sc), which covers both
-NCHW- and channels_last-contiguous tensors; tiles are [BLOCK_HW, BLOCK_C],
+NC(D)HW- and channels_last(_3d)-contiguous tensors (HW: every spatial position); tiles are [BLOCK_HW, BLOCK_C],
 wide in channels for channels_last and tall in pixels for NCHW. Parameters
 (mean, scale, shift, coefficients) are float32, per channel (C,) or per
 (sample, channel) (N, C): the kernels index them at n * PN + c with PN = 0
@@ -52,8 +52,11 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 def _strides(t):
-    """(sample, pixel, channel) strides of a 4-D or 5-D tensor contiguous in NC(D)HW or channels_last(_3d)."""
-    return t.stride(0), t.stride(-1), t.stride(1)
+    """(sample, pixel, channel) strides of a 4-D or 5-D tensor contiguous in
+    NC(D)HW or channels_last(_3d). The pixel stride is that of the last
+    spatial dim longer than 1: a size-1 dim's stride may be anything."""
+    pixel = next((t.stride(d) for d in range(t.dim() - 1, 1, -1) if t.shape[d] > 1), 1)
+    return t.stride(0), pixel, t.stride(1)
 
 
 def _positions(x):

@@ -1,4 +1,5 @@
-"""Per-channel batch statistics (mean, biased variance) over (N, H, W) and their gradient.
+"""Per-channel batch statistics (mean, biased variance) over (N, H, W) and their gradient
+(5-D tensors as their (N, C, D*H, W) views).
 
 Each program folds its rows into (count, mean, M2) with Chan's parallel update,
 computing every tile's M2 around the tile's own mean. Unlike sum / sum-of-squares

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from resfast import ops
+from resfast.ops.layout import per_element
 
 # The BatchNorm modules whose parameters and buffers the fused units use
 # (SyncBatchNorm2d is an nn.BatchNorm2d), for images and for volumes.
@@ -29,12 +30,8 @@ def batch_norm_args(bn: nn.BatchNorm2d, training: bool):
             bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training-mode statistics are computed over every
-    process of `process_group` (default: the world), as nn.SyncBatchNorm's
-    are, and which, unlike nn.SyncBatchNorm, DistributedDataParallel accepts
-    on the CPU. Inside the fused units it only holds parameters, buffers and
-    the group; called on its own it normalises like nn.SyncBatchNorm."""
+class _SyncBatchNorm:
+    """What SyncBatchNorm2d and SyncBatchNorm3d add to their torch BatchNorm."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, bias=True):
@@ -45,15 +42,28 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not sync_process_group(self, self.training)[0]:
             return super().forward(x)
+        self._check_input_dim(x)  # the rank the torch BatchNorm requires
         mean, scale, shift, _ = bn_affine(self, x, True)
-        return ((x.to(mean.dtype) - mean[:, None, None]) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+        return ((x.to(mean.dtype) - per_element(mean, x)) * per_element(scale, x) + per_element(shift, x)).to(x.dtype)
+
+
+class SyncBatchNorm2d(_SyncBatchNorm, nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training-mode statistics are computed over every
+    process of `process_group` (default: the world), as nn.SyncBatchNorm's
+    are, and which, unlike nn.SyncBatchNorm, DistributedDataParallel accepts
+    on the CPU. Inside the fused units it only holds parameters, buffers and
+    the group; called on its own it normalises like nn.SyncBatchNorm."""
+
+
+class SyncBatchNorm3d(_SyncBatchNorm, nn.BatchNorm3d):
+    """SyncBatchNorm2d for volumes: an nn.BatchNorm3d with a process group."""
 
 
 def sync_process_group(bn: nn.Module, training: bool):
     """(True, bn's process group) when bn is an nn.SyncBatchNorm or
     SyncBatchNorm2d whose statistics are shared in this forward (training,
     more than one process), else (False, None): nn.SyncBatchNorm's own rule."""
-    if isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm2d)) and training and \
+    if isinstance(bn, (nn.SyncBatchNorm, _SyncBatchNorm)) and training and \
             ops.sync_world_size(bn.process_group) > 1:
         return True, bn.process_group
     return False, None
@@ -95,15 +105,16 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """nn.SyncBatchNorm.convert_sync_batchnorm for resfast models: every
     nn.BatchNorm2d and nn.SyncBatchNorm (exactly those types; subclasses with
     their own forward are left alone), inside the fused units too, becomes a
-    SyncBatchNorm2d sharing its parameters and buffers, so training-mode
+    SyncBatchNorm2d (an nn.BatchNorm3d a SyncBatchNorm3d) sharing its
+    parameters and buffers, so training-mode
     statistics are computed over all processes of `process_group` (default:
     the world), under DistributedDataParallel on the CPU as well as on CUDA.
     Converts in place; returns the module (a new one if `module` itself is a
     BatchNorm)."""
-    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        bn = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, process_group, device="meta",
-                             bias=module.bias is not None)
+    if type(module) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+        cls = SyncBatchNorm3d if type(module) is nn.BatchNorm3d else SyncBatchNorm2d
+        bn = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                 process_group, device="meta", bias=module.bias is not None)
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(bn, name, getattr(module, name))
         return bn.train(module.training)

@@ -7,7 +7,7 @@ from torch import nn
 from resfast import ops
 from resfast.activations import check_activation
 from resfast.nn import batch_stats
-from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d
+from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d
 from resfast.nn.norm_conv import batch_norm_conv, check_conv_module
 
 
@@ -111,8 +111,8 @@ class BNReLUConv2d(_BatchNormActConv):
 
 class BNReLUConv3d(_BatchNormActConv):
     """BNReLUConv2d for volumes: conv3d(relu(bn(x))) on 5-D (N, C, D, H, W)
-    input, NCDHW or channels_last_3d, with an `nn.BatchNorm3d` (`bn`; an
-    `nn.SyncBatchNorm` with a `process_group`) and an `nn.Conv3d` (`conv`),
+    input, NCDHW or channels_last_3d, with an `nn.BatchNorm3d` (`bn`; a
+    `SyncBatchNorm3d` with a `process_group`) and an `nn.Conv3d` (`conv`),
     state dicts as `nn.Sequential(bn, ReLU, conv)`."""
 
     norm_types, norm_description = BATCH_NORMS_3D, "an nn.BatchNorm3d or nn.SyncBatchNorm"
@@ -122,4 +122,4 @@ class BNReLUConv3d(_BatchNormActConv):
     def _batch_norm(channels, eps, momentum, affine, track_running_stats, process_group, factory):
         if process_group is None:
             return nn.BatchNorm3d(channels, eps, momentum, affine, track_running_stats, **factory)
-        return nn.SyncBatchNorm(channels, eps, momentum, affine, track_running_stats, process_group, **factory)
+        return SyncBatchNorm3d(channels, eps, momentum, affine, track_running_stats, process_group, **factory)

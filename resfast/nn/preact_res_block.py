@@ -62,8 +62,12 @@ class PreActResBlock(nn.Module):
         needs_projection = total != out_chs or len(self.in_parts) > 1
         self.downsample = conv(total, out_chs, 1, bias=False, **factory) if needs_projection else None
         self.crop = 2 if padding == "valid" else 0
+        self.spatial_dims = spatial_dims
 
     def forward(self, *parts: torch.Tensor) -> torch.Tensor:
+        if any(p.dim() != self.spatial_dims + 2 for p in parts):
+            raise ValueError(f"input: expected {self.spatial_dims + 2}-D parts for a {self.spatial_dims}-D block, got "
+                             f"shapes {[tuple(p.shape) for p in parts]}")
         widths = tuple(p.shape[1] for p in parts)
         if widths != self.in_parts:
             raise ValueError(f"input: expected parts of {self.in_parts} channels, got {widths}")

@@ -230,6 +230,8 @@ def dense_block(x: torch.Tensor, layers, use_batch_stats: bool, eps1, eps2, drop
     (for the caller's running-statistics update), or None without batch
     statistics."""
     check_activation_input(x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor for a dense block, got shape {tuple(x.shape)}")
     if not layers:
         raise ValueError("layers: expected at least one dense layer")
     growth = layers[0].conv2_weight.shape[0]

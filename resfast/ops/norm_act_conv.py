@@ -383,7 +383,8 @@ def _unit_args(x, mean, scale, shift, weight, bias, residual, stride, padding, d
 
 def norm_act_conv2d(x, mean, scale, shift, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
                     groups=1, activation="relu", batch_invstd=None):
-    """conv2d(act((x - mean) * scale + shift), weight, bias) + residual, fused:
+    """conv(act((x - mean) * scale + shift), weight, bias) + residual, fused
+    (a 2-D convolution for 4-D x and weight, 3-D for 5-D):
     the normalised activation is never stored; backward recomputes it.
 
     batch_invstd: when mean and scale are x's own statistics (computed
@@ -405,7 +406,7 @@ def norm_act_conv2d_into(x, mean, scale, shift, weight, out, out_offset, bias=No
                          dilation=1, groups=1, activation="relu", compute_stats=False):
     """norm_act_conv2d whose epilogue stores its result straight into the
     channel slice out[:, out_offset:out_offset + weight.shape[0]] of a
-    preallocated NCHW- or channels_last-contiguous buffer (no temporary output,
+    preallocated NC(D)HW- or channels_last(_3d)-contiguous buffer (no temporary output,
     no copy); the buffer's other channels are left untouched.
 
     Returns the per-channel (mean, biased variance) of the stored values when

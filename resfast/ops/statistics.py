@@ -1,4 +1,4 @@
-"""Batch statistics: BatchNorm's per channel over (N, H, W) and GroupNorm's
+"""Batch statistics: BatchNorm's per channel over (N, [D,] H, W) and GroupNorm's
 per (sample, group), with their gradients; ops and the channel_stats entry
 point."""
 
@@ -57,13 +57,13 @@ def _(x):
 
 
 def channel_stats(x):
-    """Per-channel mean and biased variance of an (N, C, H, W) tensor over (N, H, W)."""
+    """Per-channel mean and biased variance of an (N, C, H, W) or (N, C, D, H, W) tensor over every dim but C."""
     check_activation_input(x)
     return ops.channel_stats(x)
 
 
 # ---------------------------------------------------------------- channel_stats_backward
-# grad_x = (grad_mean + 2 grad_var (x - mean)) / (N H W).
+# grad_x = (grad_mean + 2 grad_var (x - mean)) / M, M the values per channel.
 channel_stats_backward_op = registry.define("channel_stats_backward", cuda="cpp")
 
 
@@ -107,7 +107,7 @@ group_stats_op = registry.define("group_stats")
 
 
 def check_groups(x, num_groups):
-    """x is (N, C, H, W) with G = num_groups dividing C and at least one value per group."""
+    """x is (N, C, H, W) or (N, C, D, H, W) with G = num_groups dividing C and at least one value per group."""
     check_activation_input(x)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or \
             x.shape[1] % num_groups:

@@ -33,7 +33,7 @@ def _pointwise_3d(call):
 def unsupported(call):
     """Why the engine cannot run a call, or None."""
     if call.x.dim() != 4 and not _pointwise_3d(call):
-        return "3-D convolution with a kernel larger than 1x1x1 or a stride (the implicit-GEMM kernels are 2-D)"
+        return "3-D convolution other than 1x1x1 with stride 1 and no padding (the implicit-GEMM kernels are 2-D)"
     return calls.unsupported_by_triton(call)
 
 
