@@ -7,10 +7,11 @@ Two mechanisms, tried on every module from the outermost in:
    modules, which do more than fuse each chain (torchvision's and timm's dense
    blocks on one buffer, timm's pre-activation blocks);
 2. chain fusion (resfast.conversion.chains): the module's forward is traced
-   with torch.fx and every chain in it (a BatchNorm / SyncBatchNorm / GroupNorm
-   / timm BatchNormAct2d / GroupNormAct, then at most one ReLU, ReLU6 or SiLU, then a
-   Conv2d or timm StdConv2d) whose normalised activation feeds only that
-   convolution is fused, in a forward generated from the trace.
+   with torch.fx and every chain in it (a BatchNorm2d or 3d / SyncBatchNorm /
+   GroupNorm / timm BatchNormAct2d / GroupNormAct, then at most one ReLU,
+   ReLU6 or SiLU, then a Conv2d, Conv3d or timm StdConv2d) whose normalised
+   activation feeds only that convolution is fused, in a forward generated
+   from the trace.
 Modules whose forward cannot be traced are left as they are, and reported.
 """
 
