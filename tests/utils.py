@@ -31,6 +31,20 @@ def assert_close(actual, expected, dtype, name, tol=None, floor=0.0):
         )
 
 
+def max_rel_error(actual, expected):
+    """Largest absolute error, relative to expected's largest magnitude."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def assert_within_twice_torch_error(ours, torch32, exact, name, floor):
+    """The rule for float32 against a float64 reference: our error at most
+    twice torch's own float32 error, or `floor` when torch's is smaller."""
+    limit = max(2 * max_rel_error(torch32, exact), floor)
+    err = max_rel_error(ours, exact)
+    assert err <= limit, f"{name}: error {err:.2e} vs float64 > {limit:.2e} (torch float32: " \
+                         f"{max_rel_error(torch32, exact):.2e})"
+
+
 def randomize(model):
     """Non-trivial weights and statistics everywhere (timm zero-initialises
     the last conv of each block, which would hide the residual branches)."""

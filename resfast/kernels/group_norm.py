@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from resfast.ops.layout import spatial_numel
+
 from ._common import assert_launchable, config_for, is_channels_last, launch, ship
-from .pointwise import TILE_CONFIGS as GN_CONFIGS, _positions, _strides, _tile, pixel_splits
+from .pointwise import TILE_CONFIGS as GN_CONFIGS, _strides, _tile, pixel_splits
 from .stats import _merge_tile_moments
 
 
@@ -64,7 +66,7 @@ def launch_stats_partials(x):
     splits, per_prog = pixel_splits(x, cfg)
     part = torch.empty((4, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    launch(_gn_stats_partial_kernel)[grid](x, part, _positions(x), c, per_prog, *_strides(x), **cfg)
+    launch(_gn_stats_partial_kernel)[grid](x, part, spatial_numel(x), c, per_prog, *_strides(x), **cfg)
     return part
 
 

@@ -9,11 +9,11 @@ wide in channels for channels_last and tall in pixels for NCHW. Parameters
 or C. GroupNorm uses them with (N, C) parameters, the split convolution path
 (resfast/ops/conv_engines) with either.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from resfast.ops.layout import spatial_numel
 
 from ._common import activation_code, assert_launchable, config_for, empty_like_format, is_channels_last, launch, \
     multiprocessor_count, ship
@@ -57,11 +57,6 @@ def _strides(t):
     spatial dim longer than 1: a size-1 dim's stride may be anything."""
     pixel = next((t.stride(d) for d in range(t.dim() - 1, 1, -1) if t.shape[d] > 1), 1)
     return t.stride(0), pixel, t.stride(1)
-
-
-def _positions(x):
-    """Pixels per sample: the product of x's spatial sizes."""
-    return math.prod(x.shape[2:])
 
 
 @triton.jit
@@ -167,7 +162,7 @@ def _config(kernel, x):
 def pixel_splits(x, cfg):
     """Pixel range per program of a reduction: enough programs for ~4 waves
     over (N, C tiles). Returns (ranges per sample, pixels per range)."""
-    n, c, hw = x.shape[0], x.shape[1], _positions(x)
+    n, c, hw = x.shape[0], x.shape[1], spatial_numel(x)
     hw_tiles = triton.cdiv(hw, cfg["BLOCK_HW"])
     base = n * triton.cdiv(c, cfg["BLOCK_C"])
     want = max(1, triton.cdiv(4 * multiprocessor_count(x.device), base))
@@ -181,7 +176,7 @@ def _param_stride(x, param):
 
 
 def _elementwise_grid(x, cfg):
-    return (triton.cdiv(_positions(x), cfg["BLOCK_HW"]), x.shape[0], triton.cdiv(x.shape[1], cfg["BLOCK_C"]))
+    return (triton.cdiv(spatial_numel(x), cfg["BLOCK_HW"]), x.shape[0], triton.cdiv(x.shape[1], cfg["BLOCK_C"]))
 
 
 # Every launcher takes NC(D)HW- or channels_last(_3d)-contiguous tensors and contiguous
@@ -190,7 +185,7 @@ def affine_act(x, mean, scale, shift, activation, dtype=None):
     """act((x - mean) * scale + shift) in `dtype` (default x's), laid out like x."""
     assert_launchable(_affine_act_kernel, x, mean, scale, shift)
     cfg = _config(_affine_act_kernel, x)
-    c, hw = x.shape[1], _positions(x)
+    c, hw = x.shape[1], spatial_numel(x)
     y = empty_like_format(x, x.shape, dtype or x.dtype)
     launch(_affine_act_kernel)[_elementwise_grid(x, cfg)](x, y, mean, scale, shift, hw, c, _param_stride(x, mean),
                                                           *_strides(x), *_strides(y),
@@ -207,7 +202,7 @@ def act_grad_sums(grad_y, x, mean, scale, shift, activation):
     splits, per_prog = pixel_splits(x, cfg)
     part = torch.empty((2, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    launch(_act_grad_sums_kernel)[grid](x, grad_y, part, mean, scale, shift, _positions(x), c, _param_stride(x, mean),
+    launch(_act_grad_sums_kernel)[grid](x, grad_y, part, mean, scale, shift, spatial_numel(x), c, _param_stride(x, mean),
                                         per_prog, *_strides(x), *_strides(grad_y), ACT=activation_code(activation),
                                         **cfg)
     return part
@@ -217,7 +212,7 @@ def centered_affine_grad(x, grad_y, mean, scale, shift, coef_a, coef_b, activati
     """coef_a + coef_b * (x - mean) [+ act'(z) * grad_y * scale] in x's dtype and layout."""
     assert_launchable(_centered_affine_grad_kernel, x, grad_y, mean, scale, shift, coef_a, coef_b)
     cfg = _config(_centered_affine_grad_kernel, x)
-    c, hw = x.shape[1], _positions(x)
+    c, hw = x.shape[1], spatial_numel(x)
     gx = empty_like_format(x, x.shape, x.dtype)
     has_gy = grad_y is not None
     gy = grad_y if has_gy else x
