@@ -202,9 +202,9 @@ def act_grad_sums(grad_y, x, mean, scale, shift, activation):
     splits, per_prog = pixel_splits(x, cfg)
     part = torch.empty((2, n, splits, c), dtype=torch.float32, device=x.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
-    launch(_act_grad_sums_kernel)[grid](x, grad_y, part, mean, scale, shift, spatial_numel(x), c, _param_stride(x, mean),
-                                        per_prog, *_strides(x), *_strides(grad_y), ACT=activation_code(activation),
-                                        **cfg)
+    launch(_act_grad_sums_kernel)[grid](x, grad_y, part, mean, scale, shift, spatial_numel(x), c,
+                                        _param_stride(x, mean), per_prog, *_strides(x), *_strides(grad_y),
+                                        ACT=activation_code(activation), **cfg)
     return part
 
 
