@@ -7,10 +7,12 @@ import contextlib
 import pytest
 import torch
 
+import cudnn_stand_in
 import resfast
 from conftest import available_backends
 from op_samples import SAMPLES
 from resfast.ops import registry
+from resfast.ops.conv_engines import cudnn_fused
 from utils import assert_close
 
 OPS = registry.OPS
@@ -31,8 +33,15 @@ def _backends(op):
 @contextlib.contextmanager
 def _using(backend):
     name, _, engine = backend.partition("/")
-    with resfast.backend(name), resfast.ops.conv_impl(engine or "auto"):
+    with resfast.backend(name), resfast.ops.conv_impl(engine or "auto"), _cudnn_graphs(engine):
         yield
+
+
+def _cudnn_graphs(engine):
+    """Without a GPU, the cudnn engine's graphs run in the torch stand-in."""
+    if engine != "cudnn" or torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return cudnn_fused.graph_backend(cudnn_stand_in.Backend())
 
 
 def test_every_op_has_an_entry_and_samples():
@@ -42,12 +51,21 @@ def test_every_op_has_an_entry_and_samples():
         assert not op.missing(), f"{op.name}: {op.missing()}"
 
 
-def _engine_takes(backend, sample):
+def _engine_takes(backend, sample, op):
     """Whether a forced convolution engine can run the sample: the triton
     engine's implicit GEMMs are 2-D and take 1x1x1 stride-1 3-D convolutions
     only (every 3-D 1x1x1 sample has stride 1; tests/test_volumes.py checks
-    that the engine refuses the others)."""
+    that the engine refuses the others); the cudnn engine's graphs take
+    per-channel parameters, one group, and a backward with the weight
+    gradient, with every pointer 16-byte aligned (tests/test_cudnn_engine.py
+    checks that it refuses the others)."""
     tensors = [a for a in sample.args if isinstance(a, torch.Tensor)]
+    if backend == "triton/cudnn":
+        args = dict(zip((a.name for a in op.overload._schema.arguments), sample.args))
+        if "out" in args:
+            tensors.append(args["out"][:, args["out_offset"]:])
+        return args["mean"].dim() == 1 and args["groups"] == 1 and args.get("output_mask", [True, True])[1] \
+            and all(t.data_ptr() % cudnn_fused.ALIGNMENT == 0 for t in tensors)
     if backend != "triton/triton" or max(t.dim() for t in tensors) < 5:
         return True
     return any(t.dim() == 5 and tuple(t.shape[2:]) == (1, 1, 1) for t in tensors)
@@ -61,7 +79,7 @@ def _cases(select=lambda op, sample: True, backends=False):
                 continue
             if backends:
                 cases += [pytest.param(name, i, b, d, id=f"{name}-{sample.name}-{b}-{d}") for b, d in
-                          _backends(OPS[name]) if _engine_takes(b, sample)]
+                          _backends(OPS[name]) if _engine_takes(b, sample, OPS[name])]
             else:
                 cases.append(pytest.param(name, i, id=f"{name}-{sample.name}"))
     return cases
@@ -110,7 +128,7 @@ def _composite_cases():
     for name in sorted(n for n in OPS.keys() & SAMPLES.keys() if OPS[n].composite):
         for i, sample in enumerate(SAMPLES[name](torch.float32, "cpu")):
             cases += [pytest.param(name, i, b, d, id=f"{name}-{sample.name}-{b}-{d}")
-                      for b, d in [("reference", "cpu")] + _backends(OPS[name]) if _engine_takes(b, sample)]
+                      for b, d in [("reference", "cpu")] + _backends(OPS[name]) if _engine_takes(b, sample, OPS[name])]
     return cases
 
 

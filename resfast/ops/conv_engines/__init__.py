@@ -6,7 +6,9 @@ same memory contract, chosen per shape (selection.py).
 - split (split.py): a pointwise Triton pass, ATen's (cuDNN's) convolution,
   pointwise passes after it; always available, the default;
 - triton (fused.py): our implicit-GEMM kernels, normalisation in the
-  prologue, residual/slice/statistics in the epilogue.
+  prologue, residual/slice/statistics in the epilogue;
+- cudnn (cudnn_fused.py): cuDNN's runtime-fused graphs (cudnn_graphs.py)
+  through the optional nvidia-cudnn-frontend package.
 """
 
 from resfast.ops.conv_engines.calls import Backward, Forward

@@ -9,17 +9,18 @@ that can run the call runs it; one whose result disagrees with the split
 engine's beyond its dtype's tolerance is dropped with a warning naming it;
 the fastest of the rest is kept, in memory and in a JSON file
 (RESFAST_CACHE_DIR, default ~/.cache/resfast) stamped with the resfast,
-torch, Triton and cuDNN versions and the device, so a file from another
-setup is ignored (with a warning) and rewritten.
+torch, Triton, cuDNN and cuDNN frontend versions and the device, so a file
+from another setup is ignored (with a warning) and rewritten.
 
 Only CUDA calls outside graph capture and tracing are measured; others take
 a decision already made, else the split engine. RESFAST_CONV_IMPL
-(split|triton|auto) or `conv_impl(name)` force one engine; under
+(split|triton|cudnn|auto) or `conv_impl(name)` force one engine; under
 torch.use_deterministic_algorithms(True) only deterministic engines are
 considered. `conv_choices()` shows every decision with its timings.
 """
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -28,9 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-from resfast.ops.conv_engines import calls, fused, split
+from resfast.ops.conv_engines import calls, cudnn_fused, fused, split
 
-ENGINES = {engine.NAME: engine for engine in (split, fused)}
+ENGINES = {engine.NAME: engine for engine in (split, fused, cudnn_fused)}
 DEFAULT = split.NAME
 NAMES = ("auto", *ENGINES)
 # Timed runs per engine in a measurement, after one untimed run.
@@ -55,7 +56,7 @@ _loaded = False
 @contextlib.contextmanager
 def conv_impl(name: str):
     """Run the fused convolutions inside the block with the named engine
-    ("split", "triton"), or let the measurement choose ("auto")."""
+    ("split", "triton", "cudnn"), or let the measurement choose ("auto")."""
     global _forced
     if name not in NAMES:
         raise ValueError(f"conv_impl: expected one of {', '.join(map(repr, NAMES))}, got {name!r}")
@@ -225,9 +226,13 @@ def environment() -> dict:
     import resfast
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    try:  # whether the cudnn engine is a candidate at all
+        frontend = importlib.metadata.version("nvidia-cudnn-frontend")
+    except importlib.metadata.PackageNotFoundError:
+        frontend = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"resfast": resfast.__version__, "torch": torch.__version__, "triton": triton.__version__,
-            "cudnn": cudnn, "device": device}
+            "cudnn": cudnn, "cudnn_frontend": frontend, "device": device}
 
 
 def _load_once():

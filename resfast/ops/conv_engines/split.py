@@ -75,22 +75,11 @@ def _input_grad_coefs(call, grad_scale, grad_shift):
     return (grad_mean / count).contiguous(), (2 * grad_var / count).contiguous()
 
 
-def backward(call):
-    x, weight = call.x, call.weight
-    want_input, want_weight = call.output_mask
-    fmt = kernel_format(x)
-    # The weight gradient needs act(z), recomputed; the input gradient reads
-    # only the input's shape, dtype and layout.
-    a = _activated(call, x) if want_weight else torch.empty(x.shape, dtype=weight.dtype, device=x.device,
-                                                           memory_format=fmt)
-    grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
-        call.grad_out.contiguous(memory_format=fmt), a, weight, None, call.stride, call.padding, call.dilation, False,
-        [0] * len(call.stride), call.groups, [want_input, want_weight, False])
-    del a
-    if want_weight:
-        grad_weight = grad_weight.contiguous(memory_format=kernel_format(weight))
-    if not want_input:
-        return None, None, None, grad_weight
+def input_grad(call, grad_a):
+    """(grad_x, grad_scale, grad_shift) from grad_a, the gradient of the
+    convolution's input act(z): one pass for act'(z) and the per-channel
+    sums, one for grad_x with the statistics' share folded in."""
+    x, fmt = call.x, kernel_format(call.x)
     grad_a = grad_a.contiguous(memory_format=fmt)
     pointwise = _pointwise()
     mean, scale, shift = call.mean.contiguous(), call.scale.contiguous(), call.shift.contiguous()
@@ -100,4 +89,32 @@ def backward(call):
     grad_shift, grad_scale = (t.to(scale.dtype) for t in sums.unbind(0))
     coef_a, coef_b = _input_grad_coefs(call, grad_scale, grad_shift)
     grad_x = pointwise.centered_affine_grad(x, grad_a, mean, scale, shift, coef_a, coef_b, call.activation)
-    return grad_x, grad_scale, grad_shift, grad_weight
+    return grad_x, grad_scale, grad_shift
+
+
+def _convolution_backward(call, a, output_mask):
+    return torch.ops.aten.convolution_backward(
+        call.grad_out.contiguous(memory_format=kernel_format(call.x)), a, call.weight, None, call.stride,
+        call.padding, call.dilation, False, [0] * len(call.stride), call.groups, [*output_mask, False])
+
+
+def conv_input_grad(call):
+    """The gradient of the convolution's input (ATen's data gradient), which
+    reads only the input's shape, dtype and layout, not its values."""
+    placeholder = torch.empty(call.x.shape, dtype=call.weight.dtype, device=call.x.device,
+                              memory_format=kernel_format(call.x))
+    return _convolution_backward(call, placeholder, (True, False))[0]
+
+
+def backward(call):
+    want_input, want_weight = call.output_mask
+    if not want_weight:
+        return *input_grad(call, conv_input_grad(call)), None
+    # The weight gradient needs act(z), recomputed; both gradients come from one call.
+    a = _activated(call, call.x)
+    grad_a, grad_weight, _ = _convolution_backward(call, a, (want_input, True))
+    del a
+    grad_weight = grad_weight.contiguous(memory_format=kernel_format(call.weight))
+    if not want_input:
+        return None, None, None, grad_weight
+    return *input_grad(call, grad_a), grad_weight
