@@ -21,6 +21,12 @@ export RESFAST_CACHE_DIR="$OUT"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 timeout 240 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+# The cudnn engine's optional package, carried as a wheel (README: "The CUDA design").
+for wheel in build/wheels/nvidia_cudnn_frontend-*.whl; do
+  [ -e "$wheel" ] && pip install --no-deps "$wheel" >> "$OUT/build.log" 2>&1
+done
+python -c "import cudnn; print('nvidia-cudnn-frontend', cudnn.__version__, 'backend', cudnn.backend_version())" \
+  >> "$OUT/environment.txt" 2>&1 || echo "nvidia-cudnn-frontend: not installed (no cudnn engine)" >> "$OUT/environment.txt"
 # The CUDA tests (the gloo ones are CPU-only); what ran before the budget is in the log.
 timeout 200 python -m pytest tests -q -p no:cacheprovider --ignore=tests/test_fsdp.py > "$OUT/tests.log" 2>&1
 tests_rc=$?

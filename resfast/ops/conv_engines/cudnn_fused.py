@@ -104,8 +104,8 @@ def _graphs_for(x):
     if _frontend is None:
         try:
             import cudnn
-        except ImportError as e:
-            _frontend = f"nvidia-cudnn-frontend cannot be imported ({e})"
+        except Exception as e:  # noqa: BLE001  (an optional package that fails to load in any way is absent)
+            _frontend = f"nvidia-cudnn-frontend cannot be imported ({type(e).__name__}: {e})"
         else:
             _frontend = CudnnFrontend(cudnn)
     return _frontend
