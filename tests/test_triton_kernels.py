@@ -270,3 +270,38 @@ def test_rejects_unsupported_inputs():
         ops.norm_act_conv2d(x, mean, scale, shift, w[:, :3], *args, "relu")
     with pytest.raises(TypeError, match="x: expected one of float32, float16, bfloat16"):
         ops.channel_stats(x.double())
+
+
+@pytest.mark.parametrize("config", range(len(stats.STORE_CONFIGS)), ids=["wide", "tall"])
+@pytest.mark.parametrize("where", ["in-place", "slice", "nchw-residual", "5-d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_output(config, where, dtype):
+    """The split engine's output pass under every shipped config: y (+
+    residual) stored in place or into a channel slice, and the stored
+    values' statistics (stable at a 1e3 offset)."""
+    from resfast.kernels import forced_configs
+
+    torch.manual_seed(17)
+    shape = (2, 6, 3, 5, 7) if where == "5-d" else (3, 6, 9, 11)
+    fmt = torch.channels_last_3d if where == "5-d" else torch.channels_last
+    y = (torch.randn(shape, device=DEVICE) + 1e3).to(dtype).contiguous(memory_format=fmt)
+    residual = torch.randn(shape, device=DEVICE).to(dtype)
+    residual = residual if where == "nchw-residual" else residual.contiguous(memory_format=fmt)
+    expected = (y.double() + residual.double()).to(dtype)
+    if where == "slice":
+        buffer = torch.randn((shape[0], 13, *shape[2:]), device=DEVICE).to(dtype).contiguous(memory_format=fmt)
+        before, out = buffer.clone(), buffer[:, 4:10]
+    else:
+        out = y
+    with forced_configs({"_store_output_kernel": stats.STORE_CONFIGS[config]}):
+        mean, var = stats.store_output(y, residual, out, True)
+        assert stats.store_output(y, None, torch.empty_like(y), False) is None
+    # bf16: within one rounding (the interpreter's casts truncate, the GPU's round to nearest)
+    ulps = 0 if dtype == torch.float32 else 2.0 ** -7
+    assert ((out.double() - expected.double()).abs() <= ulps * expected.double().abs()).all()
+    if where == "slice":
+        assert torch.equal(buffer[:, :4], before[:, :4]) and torch.equal(buffer[:, 10:], before[:, 10:])
+    dims = [d for d in range(y.dim()) if d != 1]
+    var_ref, mean_ref = torch.var_mean(out.double(), dim=dims, correction=0)  # of the stored values
+    assert_close(mean, mean_ref, 1e-6, "mean")
+    assert_close(var, var_ref, 1e-4, "var")

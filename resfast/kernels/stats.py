@@ -11,7 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch, assert_launchable, config_for, empty_like_format, multiprocessor_count, ship
+from resfast.ops.layout import spatial_numel
+
+from ._common import assert_launchable, config_for, empty_like_format, is_channels_last, launch, multiprocessor_count, \
+    ship
+from .pointwise import _strides, pixel_splits
 
 # Tall tiles when rows are the contiguous direction (NCHW), wide tiles when
 # channels are (channels_last).
@@ -98,8 +102,54 @@ def _stats_backward_kernel(
     tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_output_kernel(
+    y_ptr, r_ptr, o_ptr, part_ptr, HW, C, HW_PER_PROG,
+    syn, syhw, syc, srn, srhw, src, son, sohw, soc,
+    HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # out = y (+ residual) in out's dtype, and per (sample, pixel range) the
+    # moments of the stored values. Tensors are addressed as (N, HW, C).
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    c64 = c.to(tl.int64)
+    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(pid_s * HW_PER_PROG, tl.minimum((pid_s + 1) * HW_PER_PROG, HW), BLOCK_HW):
+        hw = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
+        mask = (hw < HW)[:, None] & c_mask[None, :]
+        v = tl.load(y_ptr + pid_n.to(tl.int64) * syn + hw[:, None] * syhw + c64[None, :] * syc, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            v += tl.load(r_ptr + pid_n.to(tl.int64) * srn + hw[:, None] * srhw + c64[None, :] * src, mask=mask,
+                         other=0.0).to(tl.float32)
+        stored = v.to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + pid_n.to(tl.int64) * son + hw[:, None] * sohw + c64[None, :] * soc, stored, mask=mask)
+        if STATS:
+            count, mean, m2 = _merge_tile_moments(count, mean, m2, tl.where(mask, stored.to(tl.float32), 0.0),
+                                                  mask)
+    if STATS:
+        # part_ptr is a contiguous fp32 (3, N * S, C) buffer: count, mean, M2.
+        plane = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) * C
+        p_ptrs = part_ptr + (pid_n.to(tl.int64) * tl.num_programs(1) + pid_s) * C + c
+        tl.store(p_ptrs, count, mask=c_mask)
+        tl.store(p_ptrs + plane, mean, mask=c_mask)
+        tl.store(p_ptrs + 2 * plane, m2, mask=c_mask)
+
+
+# [BLOCK_HW, BLOCK_C] tiles, as the pointwise kernels': wide in channels for
+# channels_last, tall in pixels for NCHW.
+STORE_CONFIGS = [
+    dict(BLOCK_HW=32, BLOCK_C=64, num_warps=4, num_stages=2),
+    dict(BLOCK_HW=256, BLOCK_C=4, num_warps=4, num_stages=2),
+]
+
 ship(_stats_partial_kernel, STATS_CONFIGS)
 ship(_stats_backward_kernel, STATS_CONFIGS)
+ship(_store_output_kernel, STORE_CONFIGS)
 
 
 def _config(kernel, x):
@@ -131,10 +181,47 @@ def channel_stats(x):
     grid = (triton.cdiv(row_tiles, iters), c_tiles)
     partials = torch.empty((3, grid[0], C), dtype=torch.float32, device=x.device)
     launch(_stats_partial_kernel)[grid](x, partials, M, C, H * W, W, iters, *x.stride(), **cfg)
+    return _merged(partials, M)
+
+
+def _merged(partials, count_total):
+    """(mean, var) float32 from (3, P, C) partial (count, mean, M2), merged
+    in float64 in a fixed order."""
     count, mean_p, m2_p = partials.double().unbind(0)
-    mean = (count * mean_p).sum(dim=0) / M
+    mean = (count * mean_p).sum(dim=0) / count_total
     m2 = m2_p.sum(dim=0) + (count * (mean_p - mean) ** 2).sum(dim=0)
-    return mean.float(), (m2 / M).float()
+    return mean.float(), (m2 / count_total).float()
+
+
+def _layout_strides(t, like):
+    """t and its (sample, pixel, channel) strides, t copied into like's
+    layout first if it is in neither dense one."""
+    fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=fmt)):
+        t = t.contiguous(memory_format=fmt if is_channels_last(like) else torch.contiguous_format)
+    return t, _strides(t)
+
+
+def store_output(y, residual, out, compute_stats):
+    """out = y (+ residual), and out's per-channel (mean, biased var) as
+    float32 when compute_stats (else None), in one pass. out may be y itself
+    (in place) or a channel slice of a wider NC(D)HW- or channels_last-
+    contiguous buffer; y and residual are read in either dense layout."""
+    assert_launchable(_store_output_kernel, y, residual, out)
+    y, y_strides = _layout_strides(y, out)
+    r_strides = (0, 0, 0)
+    if residual is not None:
+        residual, r_strides = _layout_strides(residual, out)
+    out_strides = _strides(out)  # a channel slice of a dense buffer has strides of its own kind
+    n, c = out.shape[:2]
+    cfg = config_for(_store_output_kernel, lambda: STORE_CONFIGS[0] if is_channels_last(out) else STORE_CONFIGS[1])
+    splits, per_prog = pixel_splits(out, cfg)
+    partials = torch.empty((3, n * splits, c) if compute_stats else (1,), dtype=torch.float32, device=out.device)
+    grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
+    launch(_store_output_kernel)[grid](y, y if residual is None else residual, out, partials, spatial_numel(out), c,
+                                       per_prog, *y_strides, *r_strides, *out_strides,
+                                       HAS_RESIDUAL=residual is not None, STATS=compute_stats, **cfg)
+    return _merged(partials, n * spatial_numel(out)) if compute_stats else None
 
 
 def channel_stats_backward(x, mean, grad_mean, grad_var):

@@ -4,7 +4,7 @@ convolution's dtype and x's layout, the convolution is ATen's (cuDNN on
 CUDA; on CPU tensors, under the Triton interpreter, ATen's CPU convolution
 stands in), and the temporary is freed at once: only x and the vectors are
 kept for backward, which recomputes it. The residual add, the slice store
-and the statistics are one pass each over the output; the backward is one
+and the statistics are one pass over the output; the backward is one
 convolution_backward call for both gradients, then one pass for the
 activation's derivative and the per-channel sums, and one for the input
 gradient (with the statistics' share folded in)."""
@@ -14,7 +14,6 @@ import torch
 from resfast.ops.conv_engines import calls
 from resfast.ops.layout import kernel_format, spatial_numel
 
-ops = torch.ops.resfast
 
 NAME = "split"
 DETERMINISTIC = True  # with torch.use_deterministic_algorithms, ATen picks deterministic convolutions
@@ -24,6 +23,12 @@ def _pointwise():
     from resfast.kernels import pointwise
 
     return pointwise
+
+
+def _stats():
+    from resfast.kernels import stats
+
+    return stats
 
 
 # Why the engine cannot run a call, or None.
@@ -44,15 +49,14 @@ def forward(call):
     y = torch.ops.aten.convolution(a, call.weight, call.bias, call.stride, call.padding, call.dilation, False,
                                    [0] * len(call.stride), call.groups)
     del a
-    y = y.contiguous(memory_format=fmt)
-    if call.residual is not None:
-        y.add_(call.residual)
-    stats = ops.channel_stats(y) if call.compute_stats else None
     destination = call.destination()
-    if destination is not None:
-        destination.copy_(y)
-        y = destination
-    return y, stats
+    if destination is None and call.residual is None and not call.compute_stats:
+        return y.contiguous(memory_format=fmt), None
+    if destination is None:
+        destination = y if y.is_contiguous(memory_format=fmt) else torch.empty_like(y, memory_format=fmt)
+    # The residual add, the slice store and the statistics: one pass.
+    stats = _stats().store_output(y, call.residual, destination, call.compute_stats)
+    return destination, stats
 
 
 def _input_grad_coefs(call, grad_scale, grad_shift):
