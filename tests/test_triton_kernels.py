@@ -305,3 +305,51 @@ def test_store_output(config, where, dtype):
     var_ref, mean_ref = torch.var_mean(out.double(), dim=dims, correction=0)  # of the stored values
     assert_close(mean, mean_ref, 1e-6, "mean")
     assert_close(var, var_ref, 1e-4, "var")
+
+
+CONV_KERNELS = {"_fwd_kernel": conv.FWD_CONFIGS, "_dgrad_kernel": conv.DGRAD_CONFIGS,
+                "_wgrad_kernel": conv.WGRAD_CONFIGS}
+
+
+@pytest.mark.parametrize("kernel,config", [(k, i) for k, cfgs in CONV_KERNELS.items() for i in range(len(cfgs))],
+                         ids=[f"{k.strip('_')}-{'x'.join(str(v) for v in c.values())}"
+                              for k, cfgs in CONV_KERNELS.items() for c in cfgs])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_shipped_convolution_config(kernel, config, dtype):
+    """Each convolution kernel under each of its shipped configs (the 8-warp
+    ones included), at a shape with two channel blocks of the largest BLOCK_K
+    and a 3x3 kernel, so the reduction walks every (tap, channel block)."""
+    from resfast.kernels import forced_configs
+
+    torch.manual_seed(23)
+    params = ("every-config", 2, 72, 6, 5, 20, 3, 1, 1, 1, 1, "silu", "channels_last", True, True, dtype, dtype)
+    case = Case(params)
+    with forced_configs({kernel: CONV_KERNELS[kernel][config]}):
+        got = case.forward() if kernel == "_fwd_kernel" else case.backward([kernel == "_dgrad_kernel",
+                                                                           kernel == "_wgrad_kernel"])
+    expected = case.reference()
+    tol = TOLERANCE[dtype]
+    if kernel == "_fwd_kernel":
+        assert_close(got, expected[0], tol, "y")
+    elif kernel == "_dgrad_kernel":
+        for name, g, e in zip(["grad_x", "grad_scale", "grad_shift"], got[:3], expected[1:4]):
+            assert_close(g, e, tol, name)
+    else:
+        assert_close(got[3], expected[4], tol, "grad_weight")
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_bf16_with_a_large_mean(activation):
+    """bf16 x around 300 with unit spread: the mean folded into the shift (a
+    16-bit dot's prologue) costs nothing against the float64 reference."""
+    torch.manual_seed(29)
+    params = ("large-mean", 2, 20, 7, 9, 10, 3, 1, 1, 1, 1, activation, "channels_last", False, False,
+              torch.bfloat16, torch.bfloat16)
+    case = Case(params)
+    case.x = (case.x.float() + 300).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    case.mean = case.mean + 300
+    expected = case.reference()
+    assert_close(case.forward(), expected[0], TOLERANCE[torch.bfloat16], "y")
+    grads = case.backward([True, True])
+    for name, g, e in zip(["grad_x", "grad_scale", "grad_shift", "grad_weight"], grads, expected[1:]):
+        assert_close(g, e, TOLERANCE[torch.bfloat16], name)

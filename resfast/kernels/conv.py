@@ -15,14 +15,14 @@ import torch._guards
 import triton
 import triton.language as tl
 
-from ._common import activation_code, assert_launchable, config_for, dot_options, empty_like_format, launch, \
-    multiprocessor_count, ship
+from ._common import activation_code, assert_launchable, config_for, dot_options, empty_like_format, \
+    is_interpreted, launch, multiprocessor_count, ship
 from .pointwise import _act, _act_grad
 
 # Shipped configurations; the launchers pick one with a shape heuristic.
 FWD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
 ]
 # No 128x128 tile here: its epilogue (x reload, act', partial sums) on top of
@@ -55,19 +55,59 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr):
 
 
 @triton.jit
-def _load_prologue_tile(x_ptrs, mask, c, c_mask, mean_ptr, scale_ptr, shift_ptr, out_dtype,
-                        ACT: tl.constexpr):
+def _mufu(x, OP: tl.constexpr, EMULATED: tl.constexpr):
+    """The approximate MUFU ex2 / rcp (a few float32 ulp); EMULATED (the
+    interpreter, which runs no PTX): the exact operation in their place."""
+    if EMULATED:
+        if OP == "ex2":
+            return tl.exp2(x)
+        return 1.0 / x
+    if OP == "ex2":
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _prologue_act(z, ACT: tl.constexpr, SIGMOID: tl.constexpr):
+    # Min/max that propagate NaN, as torch's relu and hardtanh do.
+    if ACT == 1:
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == 2:
+        if SIGMOID == "exact":
+            z = z * tl.sigmoid(z)
+        else:
+            # 1 / (1 + 2^(-z log2 e)) for tiles rounded to 16 bits before the
+            # MMA anyway: tl.sigmoid's IEEE division costs three times more.
+            z = z * _mufu(1.0 + _mufu(z * -1.4426950408889634, "ex2", SIGMOID == "emulated"), "rcp",
+                          SIGMOID == "emulated")
+    elif ACT == 3:
+        z = tl.clamp(z, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    return z
+
+
+@triton.jit
+def _load_prologue_tile(x_ptrs, mask, row_ok, c, c_mask, mean_ptr, scale_ptr, shift_ptr, out_dtype,
+                        ACT: tl.constexpr, CENTERED: tl.constexpr, SIGMOID: tl.constexpr):
     """Load x[rows, c] and return act((x - mean) * scale + shift) in `out_dtype`.
 
-    Masked entries (conv zero padding, tails) are forced to 0 *after* the
-    activation: padding pads the conv input a, not x.
+    CENTERED=False: shift is already shift - mean * scale, so one FMA per
+    element (for 16-bit dots: see _prologue_options). Rows outside the
+    image (conv zero padding, tails) are zeroed *after* the activation,
+    padding pads the conv input a, not x; channels past the tail read x = 0
+    and meet zero weights.
     """
-    mu = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     sc = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     sh = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    a = _act((xv - mu[None, :]) * sc[None, :] + sh[None, :], ACT)
-    return tl.where(mask, a, 0.0).to(out_dtype)
+    if CENTERED:
+        mu = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+        z = (xv - mu[None, :]) * sc[None, :] + sh[None, :]
+    else:
+        z = xv * sc[None, :] + sh[None, :]
+    a = _prologue_act(z, ACT, SIGMOID)
+    return (a * row_ok.to(tl.float32)[:, None]).to(out_dtype)
 
 
 @triton.jit
@@ -80,12 +120,14 @@ def _fwd_kernel(
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr,
-    PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    CENTERED: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM view: rows = (n, oh, ow), cols = output channels of group g,
     # reduction = (kh, kw, c) with c innermost. K_ITERS = KH * KW * cdiv(C_G, BLOCK_K)
-    # flattens it into one loop so the software pipeliner sees a single loop.
+    # flattens it into one loop so the software pipeliner sees a single loop;
+    # (kh, kw, channel block) are carried as counters, not divided out of
+    # the iteration index (two integer divisions were a tenth of the loop).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -106,11 +148,11 @@ def _fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     c_blocks = tl.cdiv(C_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    kh = 0
+    kw = 0
+    cb = 0
     for it in range(0, K_ITERS):
-        tap = it // c_blocks
-        kh = tap // KW
-        kw = tap - kh * KW
-        ck = (it - tap * c_blocks) * BLOCK_K + ks
+        ck = cb * BLOCK_K + ks
         ck_mask = ck < C_G
         c = g * C_G + ck
         ih = ih0 + kh * dil_h
@@ -118,11 +160,18 @@ def _fwd_kernel(
         in_bounds = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
         x_ptrs = x_ptr + (x_row + tap_off)[:, None] + (c.to(tl.int64) * sxc)[None, :]
-        a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ck_mask[None, :], c, ck_mask,
-                                mean_ptr, scale_ptr, shift_ptr, w_ptr.dtype.element_ty, ACT)
+        a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ck_mask[None, :], in_bounds, c, ck_mask,
+                                mean_ptr, scale_ptr, shift_ptr, w_ptr.dtype.element_ty, ACT, CENTERED, SIGMOID)
         w_ptrs = w_ptr + w_col[None, :] + (ck.to(tl.int64) * swc + kh * swh + kw * sww)[:, None]
         wt = tl.load(w_ptrs, mask=ck_mask[:, None] & oc_mask[None, :], other=0.0)
         acc = _mma(a, wt, acc, PREC, UPCAST_BF16)
+        cb += 1
+        next_tap = cb == c_blocks
+        cb = tl.where(next_tap, 0, cb)
+        kw = tl.where(next_tap, kw + 1, kw)
+        next_row = kw == KW
+        kw = tl.where(next_row, 0, kw)
+        kh = tl.where(next_row, kh + 1, kh)
 
     out_mask = row_mask[:, None] & oc_mask[None, :]
     occ = (g * OC_G + oc).to(tl.int64)
@@ -250,7 +299,7 @@ def _wgrad_kernel(
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    ACT: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    ACT: tl.constexpr, CENTERED: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: a (BLOCK_M output channels) x (BLOCK_N input channels) tile
@@ -292,8 +341,8 @@ def _wgrad_kernel(
         in_bounds = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_ptrs = (x_ptr + (n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
                   + x_col[None, :])
-        a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ci_mask[None, :], c, ci_mask,
-                                mean_ptr, scale_ptr, shift_ptr, go_ptr.dtype.element_ty, ACT)
+        a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ci_mask[None, :], in_bounds, c, ci_mask,
+                                mean_ptr, scale_ptr, shift_ptr, go_ptr.dtype.element_ty, ACT, CENTERED, SIGMOID)
         acc = _mma(gt, a, acc, PREC, UPCAST_BF16)
 
     # part_ptr is a contiguous fp32 (splits, OC, C_G, KH, KW) buffer.
@@ -348,6 +397,18 @@ def _gemm_weight(weight):
     return weight.contiguous(memory_format=torch.channels_last)
 
 
+def _prologue_options(kernel, dot_dtype, mean, scale, shift):
+    """The prologue's constexprs and its shift argument. With 16-bit dots,
+    whose operand a is rounded to 16 bits, the mean is folded into the shift
+    (one FMA per element; its float32 error is far below that rounding) and
+    SiLU's sigmoid comes from the approximate MUFU exp2 and reciprocal
+    (emulated exactly by the interpreter); float32 dots get x centred
+    exactly and tl.sigmoid."""
+    centered = dot_dtype == torch.float32
+    sigmoid = "exact" if centered else "emulated" if is_interpreted(kernel) else "approx"
+    return dict(CENTERED=centered, SIGMOID=sigmoid), shift if centered else torch.addcmul(shift, mean, scale, value=-1)
+
+
 def _conv_args(geo):
     sh, sw = geo["stride"]
     ph, pw = geo["padding"]
@@ -394,6 +455,7 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
     # Every (tile, channel) entry is written once.
     stats = (torch.empty((2, grid[0], geo["OC"]), dtype=torch.float32, device=x.device) if compute_stats
              else weight)
+    prologue, shift = _prologue_options(_fwd_kernel, weight.dtype, mean, scale, shift)
     launch(_fwd_kernel)[grid](
         x, mean, scale, shift, weight, bias_arg, res_arg, out, stats,
         geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], geo["KW"],
@@ -401,7 +463,7 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
         *x.stride(), *weight.stride(), *res_strides, *out.stride(),
         *_conv_args(geo),
         ACT=activation_code(activation), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        HAS_STATS=compute_stats, **dot_options(_fwd_kernel, weight.dtype), **cfg,
+        HAS_STATS=compute_stats, **prologue, **dot_options(_fwd_kernel, weight.dtype), **cfg,
     )
     return _channel_moments(stats, rows, cfg["BLOCK_M"]) if compute_stats else None
 
@@ -511,12 +573,13 @@ def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shap
     splits, iters = _wgrad_splits(tiles * taps * groups, positions, cfg["BLOCK_K"], x.device)
     partials = torch.empty((splits,) + weight_shape, dtype=torch.float32, device=x.device)
     grid = (splits * tiles, taps, groups)
+    prologue, shift = _prologue_options(_wgrad_kernel, grad_out.dtype, mean, scale, shift)
     launch(_wgrad_kernel)[grid](
         grad_out, x, mean, scale, shift, partials,
         geo["N"], geo["C_G"], geo["H"], geo["W"], geo["OC"], geo["OC_G"], geo["OH"], geo["OW"],
         geo["KH"], geo["KW"], iters, tiles_n,
         *grad_out.stride(), *x.stride(),
         *_conv_args(geo),
-        ACT=activation_code(activation), **dot_options(_wgrad_kernel, grad_out.dtype), **cfg,
+        ACT=activation_code(activation), **prologue, **dot_options(_wgrad_kernel, grad_out.dtype), **cfg,
     )
     return partials.sum(dim=0).to(grad_out.dtype)
