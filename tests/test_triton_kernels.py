@@ -353,3 +353,22 @@ def test_bf16_with_a_large_mean(activation):
     grads = case.backward([True, True])
     for name, g, e in zip(["grad_x", "grad_scale", "grad_shift", "grad_weight"], grads, expected[1:]):
         assert_close(g, e, TOLERANCE[torch.bfloat16], name)
+
+
+def test_int64_offsets_beyond_two_to_the_31(monkeypatch):
+    """int32 element offsets unless a tensor reaches 2**31 elements away;
+    the kernels' int64 variant computes the same result."""
+    import triton.language as tl
+
+    small = torch.empty(4, 4)
+    far = torch.empty((2, 1), device="meta").as_strided((2, 1), (2**31, 1))  # no storage needed
+    assert conv._index_dtype(small) == tl.int32 and conv._index_dtype(small, far) == tl.int64
+    torch.manual_seed(31)
+    case = Case(("int64", 2, 20, 7, 9, 10, 3, 2, 1, 1, 1, "relu", "channels_last", True, True,
+                 torch.float32, torch.float32))
+    monkeypatch.setattr(conv, "_index_dtype", lambda *tensors: tl.int64)
+    expected = case.reference()
+    assert_close(case.forward(), expected[0], TOLERANCE[torch.float32], "y")
+    for name, g, e in zip(["grad_x", "grad_scale", "grad_shift", "grad_weight"], case.backward([True, True]),
+                          expected[1:]):
+        assert_close(g, e, TOLERANCE[torch.float32], name)

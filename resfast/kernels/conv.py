@@ -25,17 +25,19 @@ FWD_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
 ]
-# No 128x128 tile here: its epilogue (x reload, act', partial sums) on top of
-# the accumulator exceeds 255 registers and spills.
+# No 128x128 tile here: its main loop would issue ~1,030 FLOP per
+# warp-instruction on sm_90, but its epilogue (x reload, act', partial sums)
+# on top of the accumulator needs more than 255 registers and spills (56
+# bytes with triton 3.8, 320 with 3.6).
 DGRAD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
 ]
 # Weight gradient: BLOCK_M tiles output channels, BLOCK_N input channels and
 # BLOCK_K the N*OH*OW positions being reduced.
 WGRAD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
 ]
@@ -121,7 +123,7 @@ def _fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr,
     CENTERED: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM view: rows = (n, oh, ow), cols = output channels of group g,
     # reduction = (kh, kw, c) with c innermost. K_ITERS = KH * KW * cdiv(C_G, BLOCK_K)
@@ -139,11 +141,11 @@ def _fwd_kernel(
     n = rows // (OW * OH)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    x_row = n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    x_row = n.to(IDX) * sxn + ih0.to(IDX) * sxh + iw0.to(IDX) * sxw
 
     oc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     oc_mask = oc < OC_G
-    w_col = (g * OC_G + oc).to(tl.int64) * swo
+    w_col = (g * OC_G + oc).to(IDX) * swo
 
     ks = tl.arange(0, BLOCK_K)
     c_blocks = tl.cdiv(C_G, BLOCK_K)
@@ -158,11 +160,11 @@ def _fwd_kernel(
         ih = ih0 + kh * dil_h
         iw = iw0 + kw * dil_w
         in_bounds = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
-        x_ptrs = x_ptr + (x_row + tap_off)[:, None] + (c.to(tl.int64) * sxc)[None, :]
+        tap_off = (kh * dil_h).to(IDX) * sxh + (kw * dil_w).to(IDX) * sxw
+        x_ptrs = x_ptr + (x_row + tap_off)[:, None] + (c.to(IDX) * sxc)[None, :]
         a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ck_mask[None, :], in_bounds, c, ck_mask,
                                 mean_ptr, scale_ptr, shift_ptr, w_ptr.dtype.element_ty, ACT, CENTERED, SIGMOID)
-        w_ptrs = w_ptr + w_col[None, :] + (ck.to(tl.int64) * swc + kh * swh + kw * sww)[:, None]
+        w_ptrs = w_ptr + w_col[None, :] + (ck.to(IDX) * swc + kh * swh + kw * sww)[:, None]
         wt = tl.load(w_ptrs, mask=ck_mask[:, None] & oc_mask[None, :], other=0.0)
         acc = _mma(a, wt, acc, PREC, UPCAST_BF16)
         cb += 1
@@ -174,12 +176,12 @@ def _fwd_kernel(
         kh = tl.where(next_row, kh + 1, kh)
 
     out_mask = row_mask[:, None] & oc_mask[None, :]
-    occ = (g * OC_G + oc).to(tl.int64)
+    occ = (g * OC_G + oc).to(IDX)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + occ, mask=oc_mask, other=0.0).to(tl.float32)[None, :]
-    oh64 = oh.to(tl.int64)
-    ow64 = ow.to(tl.int64)
-    n64 = n.to(tl.int64)
+    oh64 = oh.to(IDX)
+    ow64 = ow.to(IDX)
+    n64 = n.to(IDX)
     if HAS_RES:
         r_ptrs = res_ptr + (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (occ * src)[None, :]
         acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
@@ -195,22 +197,22 @@ def _fwd_kernel(
         count = tl.sum(row_mask.to(tl.float32), axis=0)
         mu = tl.sum(v, axis=0) / count
         d = tl.where(out_mask, v - mu[None, :], 0.0)
-        s_ptrs = stats_ptr + pid_m.to(tl.int64) * OC_G * tl.num_programs(2) + occ
+        s_ptrs = stats_ptr + pid_m.to(IDX) * OC_G * tl.num_programs(2) + occ
         tl.store(s_ptrs, mu, mask=oc_mask)
-        tl.store(s_ptrs + tl.num_programs(0).to(tl.int64) * OC_G * tl.num_programs(2), tl.sum(d * d, axis=0),
+        tl.store(s_ptrs + tl.num_programs(0).to(IDX) * OC_G * tl.num_programs(2), tl.sum(d * d, axis=0),
                  mask=oc_mask)
 
 
 @triton.jit
 def _dgrad_kernel(
     go_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, w_ptr, gx_ptr, part_ptr, taps_ptr, ntaps_ptr,
-    N, C, C_G, H, W, OC_G, OH, OW, HP, WP, KW, MAX_TAPS,
+    N, C, C_G, H, W, OC_G, OH, OW, HP, WP, MAX_TAPS,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    ACT: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    ACT: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr, IDX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Transposed conv as an implicit GEMM, decomposed by stride phase: program
@@ -235,45 +237,52 @@ def _dgrad_kernel(
     ih = rh + ip * stride_h
     iw = rw + jp * stride_w
     row_mask = (rows < N * HP * WP) & (ih < H) & (iw < W)
-    n64 = n.to(tl.int64)
-    go_row = n64 * sgn + ip.to(tl.int64) * sgh + jp.to(tl.int64) * sgw
+    n64 = n.to(IDX)
+    go_row = n64 * sgn + ip.to(IDX) * sgh + jp.to(IDX) * sgw
 
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = ci < C_G
-    w_col = ci.to(tl.int64) * swc
+    w_col = ci.to(IDX) * swc
 
     ks = tl.arange(0, BLOCK_K)
     oc_blocks = tl.cdiv(OC_G, BLOCK_K)
     k_iters = tl.load(ntaps_ptr + phase) * oc_blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # (tap, output-channel block) carried as counters; the host table gives
+    # each of the phase's taps as (kh, kw, qh, qw), the output offsets
+    # (rh + pad - kh * dil) / stride, so the loop divides nothing.
+    t = 0
+    ob = 0
     for it in range(0, k_iters):
-        t = it // oc_blocks
-        tap = tl.load(taps_ptr + phase * MAX_TAPS + t)
-        kh = tap // KW
-        kw = tap - kh * KW
-        # Exact division: the host table only lists taps aligned with this phase.
-        qh = (rh + pad_h - kh * dil_h) // stride_h
-        qw = (rw + pad_w - kw * dil_w) // stride_w
+        entry = taps_ptr + (phase * MAX_TAPS + t) * 4
+        kh = tl.load(entry)
+        kw = tl.load(entry + 1)
+        qh = tl.load(entry + 2)
+        qw = tl.load(entry + 3)
         oh = ip + qh
         ow = jp + qw
         valid = row_mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-        ok = (it - t * oc_blocks) * BLOCK_K + ks
+        ok = ob * BLOCK_K + ks
         ok_mask = ok < OC_G
-        occ = (g * OC_G + ok).to(tl.int64)
-        go_ptrs = (go_ptr + (go_row + qh.to(tl.int64) * sgh + qw.to(tl.int64) * sgw)[:, None]
+        occ = (g * OC_G + ok).to(IDX)
+        go_ptrs = (go_ptr + (go_row + qh.to(IDX) * sgh + qw.to(IDX) * sgw)[:, None]
                    + (occ * sgc)[None, :])
         gt = tl.load(go_ptrs, mask=valid[:, None] & ok_mask[None, :], other=0.0)
         w_ptrs = w_ptr + (occ * swo + kh * swh + kw * sww)[:, None] + w_col[None, :]
         wt = tl.load(w_ptrs, mask=ok_mask[:, None] & ci_mask[None, :], other=0.0)
         acc = _mma(gt.to(w_ptr.dtype.element_ty), wt, acc, PREC, UPCAST_BF16)
+        ob += 1
+        next_tap = ob == oc_blocks
+        ob = tl.where(next_tap, 0, ob)
+        t = tl.where(next_tap, t + 1, t)
 
     # Epilogue: chain rule through the activation and the affine norm, plus
     # this tile's per-channel partial sums for grad_scale / grad_shift.
     mask = row_mask[:, None] & ci_mask[None, :]
     c = g * C_G + ci
-    c64 = c.to(tl.int64)
-    ih64 = ih.to(tl.int64)
-    iw64 = iw.to(tl.int64)
+    c64 = c.to(IDX)
+    ih64 = ih.to(IDX)
+    iw64 = iw.to(IDX)
     x_ptrs = x_ptr + (n64 * sxn + ih64 * sxh + iw64 * sxw)[:, None] + (c64 * sxc)[None, :]
     xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     mu = tl.load(mean_ptr + c, mask=ci_mask, other=0.0)[None, :]
@@ -286,10 +295,10 @@ def _dgrad_kernel(
 
     # part_ptr is a (2, R, C) fp32 buffer with R = phases * num_pid_m rows.
     num_rows = phases * tl.num_programs(0)
-    prow = (phase * tl.num_programs(0) + pid_m).to(tl.int64)
+    prow = (phase * tl.num_programs(0) + pid_m).to(IDX)
     p_ptrs = part_ptr + prow * C + c64
     tl.store(p_ptrs, tl.sum(dz * xc, axis=0), mask=ci_mask)
-    tl.store(p_ptrs + num_rows.to(tl.int64) * C, tl.sum(dz, axis=0), mask=ci_mask)
+    tl.store(p_ptrs + num_rows.to(IDX) * C, tl.sum(dz, axis=0), mask=ci_mask)
 
 
 @triton.jit
@@ -300,7 +309,7 @@ def _wgrad_kernel(
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ACT: tl.constexpr, CENTERED: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr, UPCAST_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: a (BLOCK_M output channels) x (BLOCK_N input channels) tile
     # of one tap (kh, kw) of group g, reduced over one split-K slice of the
@@ -318,38 +327,48 @@ def _wgrad_kernel(
 
     oc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     oc_mask = oc < OC_G
-    go_col = (g * OC_G + oc).to(tl.int64) * sgc
+    go_col = (g * OC_G + oc).to(IDX) * sgc
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = ci < C_G
     c = g * C_G + ci
-    x_col = c.to(tl.int64) * sxc
+    x_col = c.to(IDX) * sxc
 
     P = N * OH * OW
-    ps = tl.arange(0, BLOCK_K)
+    p = split * ITERS_PER_SPLIT * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Each lane's position as (row r = n * OH + oh, ow), advanced by BLOCK_K
+    # positions per step with a carry instead of divided out of p each step.
+    ow = p % OW
+    r = p // OW
+    step_r = BLOCK_K // OW
+    step_w = BLOCK_K - step_r * OW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, ITERS_PER_SPLIT):
-        p = (split * ITERS_PER_SPLIT + it) * BLOCK_K + ps
         p_mask = p < P
-        ow = p % OW
-        oh = (p // OW) % OH
-        n64 = (p // (OW * OH)).to(tl.int64)
+        n = r // OH
+        oh = r - n * OH
+        n64 = n.to(IDX)
         go_ptrs = (go_ptr + go_col[:, None]
-                   + (n64 * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :])
+                   + (n64 * sgn + oh.to(IDX) * sgh + ow.to(IDX) * sgw)[None, :])
         gt = tl.load(go_ptrs, mask=oc_mask[:, None] & p_mask[None, :], other=0.0)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         in_bounds = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_ptrs = (x_ptr + (n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+        x_ptrs = (x_ptr + (n64 * sxn + ih.to(IDX) * sxh + iw.to(IDX) * sxw)[:, None]
                   + x_col[None, :])
         a = _load_prologue_tile(x_ptrs, in_bounds[:, None] & ci_mask[None, :], in_bounds, c, ci_mask,
                                 mean_ptr, scale_ptr, shift_ptr, go_ptr.dtype.element_ty, ACT, CENTERED, SIGMOID)
         acc = _mma(gt, a, acc, PREC, UPCAST_BF16)
+        p += BLOCK_K
+        ow += step_w
+        carry = ow >= OW
+        ow = tl.where(carry, ow - OW, ow)
+        r += step_r + carry.to(tl.int32)
 
     # part_ptr is a contiguous fp32 (splits, OC, C_G, KH, KW) buffer.
     taps = KH * KW
-    base = split.to(tl.int64) * OC * C_G * taps + tap
-    p_ptrs = (part_ptr + base + ((g * OC_G + oc).to(tl.int64) * C_G * taps)[:, None]
-              + (ci.to(tl.int64) * taps)[None, :])
+    base = split.to(IDX) * OC * C_G * taps + tap
+    p_ptrs = (part_ptr + base + ((g * OC_G + oc).to(IDX) * C_G * taps)[:, None]
+              + (ci.to(IDX) * taps)[None, :])
     tl.store(p_ptrs, acc, mask=oc_mask[:, None] & ci_mask[None, :])
 
 
@@ -409,6 +428,13 @@ def _prologue_options(kernel, dot_dtype, mean, scale, shift):
     return dict(CENTERED=centered, SIGMOID=sigmoid), shift if centered else torch.addcmul(shift, mean, scale, value=-1)
 
 
+def _index_dtype(*tensors):
+    """IDX: int32 element offsets when every tensor's farthest element is
+    below 2**31 (cheaper address arithmetic in every step), else int64."""
+    farthest = max(sum((n - 1) * st for n, st in zip(t.shape, t.stride())) for t in tensors if t.numel())
+    return tl.int32 if farthest < 2**31 - 1 else tl.int64
+
+
 def _conv_args(geo):
     sh, sw = geo["stride"]
     ph, pw = geo["padding"]
@@ -463,17 +489,18 @@ def norm_act_conv2d_forward(x, mean, scale, shift, weight, bias, residual, strid
         *x.stride(), *weight.stride(), *res_strides, *out.stride(),
         *_conv_args(geo),
         ACT=activation_code(activation), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        HAS_STATS=compute_stats, **prologue, **dot_options(_fwd_kernel, weight.dtype), **cfg,
+        HAS_STATS=compute_stats, **prologue, **dot_options(_fwd_kernel, weight.dtype),
+        IDX=_index_dtype(x, weight, out, stats, *[t for t in (residual,) if t is not None]), **cfg,
     )
     return _channel_moments(stats, rows, cfg["BLOCK_M"]) if compute_stats else None
 
 
 def _phase_tap_table(kh_size, kw_size, stride, padding, dilation):
-    """Per stride phase (rh, rw), the taps kh*KW+kw that land on whole output positions.
+    """Per stride phase (rh, rw), the taps that land on whole output positions.
 
-    Input row ih = rh + stride*i receives output row oh through tap kh iff
-    ih + pad - kh*dil is a multiple of stride, which depends only on rh.
-    Returns (table [phases][KH*KW], counts [phases]) as lists.
+    Input row ih = rh + stride*i receives output row oh = i + qh through tap
+    kh iff rh + pad - kh*dil = stride*qh, which depends only on rh.
+    Returns (table [phases][KH*KW][4] of (kh, kw, qh, qw), counts [phases]) as lists.
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     max_taps = kh_size * kw_size
@@ -482,9 +509,9 @@ def _phase_tap_table(kh_size, kw_size, stride, padding, dilation):
         khs = [k for k in range(kh_size) if (rh + ph - k * dh) % sh == 0]
         for rw in range(sw):
             kws = [k for k in range(kw_size) if (rw + pw - k * dw) % sw == 0]
-            taps = [kh * kw_size + kw for kh in khs for kw in kws]
+            taps = [[kh, kw, (rh + ph - kh * dh) // sh, (rw + pw - kw * dw) // sw] for kh in khs for kw in kws]
             counts.append(len(taps))
-            table.append(taps + [0] * (max_taps - len(taps)))
+            table.append(taps + [[0, 0, 0, 0]] * (max_taps - len(taps)))
     # At least two counts (the extra one never read): a trace constant-folds
     # one-element constants by computing them on the device.
     return table, counts + [0] * (len(counts) == 1)
@@ -538,10 +565,11 @@ def norm_act_conv2d_backward_input(grad_out, x, mean, scale, shift, weight, stri
     launch(_dgrad_kernel)[grid](
         grad_out, x, mean, scale, shift, weight, grad_x, partials, taps, ntaps,
         geo["N"], C, geo["C_G"], geo["H"], geo["W"], geo["OC_G"], geo["OH"], geo["OW"], hp, wp,
-        geo["KW"], geo["KH"] * geo["KW"],
+        geo["KH"] * geo["KW"],
         *grad_out.stride(), *x.stride(), *weight.stride(), *grad_x.stride(),
         *_conv_args(geo),
-        ACT=activation_code(activation), **dot_options(_dgrad_kernel, weight.dtype), **cfg,
+        ACT=activation_code(activation), **dot_options(_dgrad_kernel, weight.dtype),
+        IDX=_index_dtype(grad_out, x, weight, grad_x, partials), **cfg,
     )
     return grad_x, partials[0].sum(dim=0), partials[1].sum(dim=0)
 
@@ -580,6 +608,7 @@ def norm_act_conv2d_backward_weight(grad_out, x, mean, scale, shift, weight_shap
         geo["KH"], geo["KW"], iters, tiles_n,
         *grad_out.stride(), *x.stride(),
         *_conv_args(geo),
-        ACT=activation_code(activation), **prologue, **dot_options(_wgrad_kernel, grad_out.dtype), **cfg,
+        ACT=activation_code(activation), **prologue, **dot_options(_wgrad_kernel, grad_out.dtype),
+        IDX=_index_dtype(grad_out, x, partials), **cfg,
     )
     return partials.sum(dim=0).to(grad_out.dtype)
