@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import activation_code, assert_launchable, config_for, dot_options, empty_like_format, \
     is_interpreted, launch, multiprocessor_count, ship
-from .pointwise import _act, _act_grad
+from .pointwise import _act_grad
 
 # Shipped configurations; the launchers pick one with a shape heuristic.
 FWD_CONFIGS = [

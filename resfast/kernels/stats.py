@@ -214,7 +214,9 @@ def store_output(y, residual, out, compute_stats):
         residual, r_strides = _layout_strides(residual, out)
     out_strides = _strides(out)  # a channel slice of a dense buffer has strides of its own kind
     n, c = out.shape[:2]
-    cfg = config_for(_store_output_kernel, lambda: STORE_CONFIGS[0] if is_channels_last(out) else STORE_CONFIGS[1])
+    # Wide tiles where channels are contiguous, a channel slice of a channels_last buffer included.
+    wide = out.stride(1) == 1 and out.shape[1] > 1
+    cfg = config_for(_store_output_kernel, lambda: STORE_CONFIGS[0] if wide else STORE_CONFIGS[1])
     splits, per_prog = pixel_splits(out, cfg)
     partials = torch.empty((3, n * splits, c) if compute_stats else (1,), dtype=torch.float32, device=out.device)
     grid = (n, splits, triton.cdiv(c, cfg["BLOCK_C"]))
