@@ -80,3 +80,16 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def fresh_conv_choices(tmp_path, monkeypatch):
+    """No convolution-engine decision carried in or out of the test: a cache
+    directory of its own, no forced engine, the in-memory choices forgotten."""
+    from resfast.ops.conv_engines import selection
+
+    monkeypatch.setenv("RESFAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("RESFAST_CONV_IMPL", raising=False)
+    selection.forget()
+    yield
+    selection.forget()

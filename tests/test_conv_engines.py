@@ -14,17 +14,9 @@ import resfast
 from conftest import triton_available
 from resfast.ops.conv_engines import selection
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("fresh_conv_choices")]
 ops = torch.ops.resfast
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESFAST_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("RESFAST_CONV_IMPL", raising=False)
-    selection.forget()
-    yield
-    selection.forget()
 
 
 def unit_args(n=2, c=4, hw=5, oc=6):

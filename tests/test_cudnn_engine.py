@@ -16,18 +16,10 @@ from conftest import triton_available
 from resfast.ops.conv_engines import calls, cudnn_fused, cudnn_graphs, selection
 from utils import assert_close, max_rel_error
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("fresh_conv_choices")]
 ops = torch.ops.resfast
 CL = torch.channels_last
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESFAST_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("RESFAST_CONV_IMPL", raising=False)
-    selection.forget()
-    yield
-    selection.forget()
 
 
 def unit(n=2, c=8, oc=12, hw=6, k=3, dtype=torch.float32, fmt=CL, residual=False, bias=False, stride=1):
