@@ -59,8 +59,9 @@ def test_channels_last_in_channels_last_out():
 
 
 class FeatureMapCats(TorchDispatchMode):
-    """Records the shapes of the cat results that are not shaped like one of
-    `parameters` (a split weight's gradient is assembled by a cat)."""
+    """Records the shapes of the cat results that are feature maps: not
+    shaped like one of `parameters` (a split weight's gradient is assembled
+    by a cat), nor vectors (a concatenation's per-channel statistics)."""
 
     def __init__(self, parameters):
         super().__init__()
@@ -69,20 +70,49 @@ class FeatureMapCats(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ == "cat" and tuple(out.shape) not in self.parameter_shapes:
+        if func.overloadpacket.__name__ == "cat" and out.dim() > 2 and tuple(out.shape) not in self.parameter_shapes:
             self.cats.append(tuple(out.shape))
         return out
 
 
-def test_skips_are_never_concatenated():
-    """Forward and backward run without concatenating feature maps (the
-    reference, which does, proves the detector sees one)."""
+def test_skips_are_never_concatenated_where_larger_than_the_weight():
+    """Forward and backward run without concatenating feature maps at levels
+    whose maps outweigh their convolution's weight (the reference, which
+    concatenates everywhere, proves the detector sees one)."""
     ours, ref = pair(**SMALL)
     x = torch.randn(2, 3, 20, 24, requires_grad=True)
     for model, expect_cat in ((ref.float(), True), (ours, False)):
         with FeatureMapCats(model.parameters()) as seen:
             model.train()(x).sum().backward()
         assert bool(seen.cats) == expect_cat, seen.cats
+
+
+# Widths and a size at which the deepest decoder level's maps (1x32x8x8) are
+# smaller than its 3x3 weight (16x32x3x3) and are concatenated; the level
+# above (1x16x16x16 against 8x16x3x3) keeps its parts.
+JOINING = dict(in_channels=3, out_channels=2, widths=(8, 16, 64), num_groups=4)
+
+
+def test_small_maps_are_concatenated_once_per_block():
+    ours, _ = pair(**JOINING)
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    with FeatureMapCats(ours.parameters()) as seen:
+        ours.train()(x).sum().backward()
+    assert seen.cats == [(1, 32, 8, 8)]
+    with FeatureMapCats(ours.parameters()) as seen, torch.no_grad():
+        ours(x)
+    assert sorted(seen.cats) == [(1, 16, 16, 16), (1, 32, 8, 8)]  # without autograd, every level
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_concatenated_levels_match_reference(norm, training):
+    ours, ref = pair(**JOINING, norm=norm)
+    x = torch.randn(1, 3, 16, 16)
+    compare_models(ours, ref, x, training)
+    with torch.no_grad():
+        y, y_ref = ours(x), ref(x.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])

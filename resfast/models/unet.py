@@ -2,13 +2,15 @@
 blocks, for images or (spatial_dims=3) volumes.
 
 Each level is a PreActResBlock: GroupNorm→SiLU→conv units (norm="group") or
-BatchNorm→ReLU units (norm="batch"), fused. The skip connections are never
-concatenated: a decoder block receives the encoder's map and the upsampled map
-as two parts, and each of its fused convolutions reads them as two slices of
-its input channels, the first partial sum arriving as the second's residual.
-That costs no copy and leaves nothing to write in place, so autograd and
-torch.compile see a plain functional graph; the saved state is the same two
-maps a concatenation buffer would hold.
+BatchNorm→ReLU units (norm="batch"), fused. A decoder block receives the
+encoder's map and the upsampled map as two parts, and each of its fused
+convolutions reads them as two slices of its input channels, the first partial
+sum arriving as the second's residual. That costs no copy of the maps and
+leaves nothing to write in place, so autograd and torch.compile see a plain
+functional graph; the saved state is the same two maps a concatenation buffer
+would hold. Where the maps are smaller than the convolution's weight (the
+deepest levels), and without autograd, the block concatenates them instead
+(resfast.nn.norm_conv.join_parts): the split weight would cost more to copy.
 """
 
 from typing import Sequence

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.norm_conv import norm_affines, norm_conv_parts
+from resfast.nn.norm_conv import join_parts, norm_affines, norm_conv_parts
 
 NORMS = {"batch": "relu", "group": "silu"}
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -72,6 +72,7 @@ class PreActResBlock(nn.Module):
         if widths != self.in_parts:
             raise ValueError(f"input: expected parts of {self.in_parts} channels, got {widths}")
         preact = norm_affines(parts, self.norm1, self.training)
+        parts, preact = join_parts(parts, preact, self.conv1.weight)  # once for both convolutions
         if self.downsample is None:
             shortcut = parts[0]
         else:
