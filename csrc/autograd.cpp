@@ -270,21 +270,27 @@ class GroupNormAffine : public torch::autograd::Function<GroupNormAffine> {
     const at::Tensor rstd = ctx->get_saved_variables()[0];
     const at::Tensor &grad_scale = grads[1], &grad_shift = grads[2];
     const int64_t channels = grad_scale.defined() ? grad_scale.size(1) : grad_shift.size(1);
-    const auto grad_of = [&](const at::Tensor& grad, const at::Tensor& factor, const char* dtype_key) {
+    const auto grad_of = [&](const at::Tensor& grad, const char* dtype_key) {
       const c10::IValue& dtype = ctx->saved_data[dtype_key];
       if (!grad.defined()) return at::zeros({channels}, rstd.options().dtype(dtype.toScalarType()));
-      return converted((factor.defined() ? grad * factor : grad).sum(0), dtype.toScalarType());
+      return converted(grad.sum(0), dtype.toScalarType());
     };
     // needs_input_grad counts the tensors passed: x is 0, then weight and
     // bias if present.
     const bool has_weight = !ctx->saved_data["weight_dtype"].isNone();
     at::Tensor grad_weight, grad_bias;
     if (has_weight && ctx->needs_input_grad(1)) {
-      grad_weight = grad_of(grad_scale, rstd.repeat_interleave(channels / rstd.size(1), 1), "weight_dtype");
+      // rstd[n, g] spread over g's channels by broadcasting, not by
+      // repeat_interleave (an index op costing more than the rest of this).
+      const int64_t n = rstd.size(0), groups = rstd.size(1);
+      grad_weight = grad_of(grad_scale.defined() ? (grad_scale.reshape({n, groups, channels / groups}) *
+                                                    rstd.unsqueeze(2)).reshape({n, channels})
+                                                 : grad_scale,
+                            "weight_dtype");
     }
     const bool has_bias = !ctx->saved_data["bias_dtype"].isNone();
     if (has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)) {
-      grad_bias = grad_of(grad_shift, at::Tensor(), "bias_dtype");
+      grad_bias = grad_of(grad_shift, "bias_dtype");
     }
     return {at::Tensor(), at::Tensor(), grad_weight, grad_bias, at::Tensor()};
   }

@@ -24,13 +24,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_affine(
   const auto [mean, var] = ops::group_stats(x, num_groups);
   const int64_t n = x.size(0), c = x.size(1);
   at::Tensor rstd = (var + eps).rsqrt();
-  at::Tensor scale = rstd.repeat_interleave(c / num_groups, 1);
+  // Each group's value over its channels, in a fresh tensor (never a view of
+  // t): a broadcast copy, cheaper than repeat_interleave's index op.
+  const auto spread = [&](const at::Tensor& t) {
+    at::Tensor out = at::empty({n, num_groups, c / num_groups}, t.options());
+    out.copy_(t.unsqueeze(2));
+    return out.view({n, c});
+  };
+  at::Tensor scale = spread(rstd);
   // In place and by copy_: an op below autograd must not return its input,
   // which Tensor::to does when the dtype already matches.
   if (weight.has_value()) scale.mul_(*weight);
   at::Tensor shift = at::zeros_like(scale);
   if (bias.has_value()) shift.copy_(bias->expand({n, c}));
-  return {mean.repeat_interleave(c / num_groups, 1), std::move(scale), std::move(shift), std::move(rstd)};
+  return {spread(mean), std::move(scale), std::move(shift), std::move(rstd)};
 }
 
 // F.batch_norm's normalisation as the unit's (mean, scale, shift, invstd).

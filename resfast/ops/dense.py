@@ -110,7 +110,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         bottlenecks, noises = [], []
         for i, p in enumerate(layers):
             c_in = c0 + i * growth
-            features = buf[:, :c_in]
+            features = buf.narrow(1, 0, c_in)
             batch1 = (mean_all[:c_in], var_all[:c_in]) if use_batch_stats else None
             mean1, scale1 = _normalisation(features, p.norm1_running_mean, p.norm1_running_var, p.norm1_weight,
                                            eps1[i], batch1)
@@ -169,6 +169,9 @@ class _DenseBlockFunction(torch.autograd.Function):
             grad_mean, grad_var = -scale * grad_shift, -0.5 * scale * invstd * invstd * grad_scale
             return grad_x + shared_stats_grad(x, mean, grad_mean, grad_var, ctx.total, sync[0]), *grads[1:]
 
+        def converted(t, dtype):
+            return t if t.dtype == dtype else t.to(dtype)
+
         num_layers, c0 = ctx.num_layers, ctx.c0
         saved = ctx.saved_tensors
         buf, mean_all, var_all, bott_mean, bott_var = saved[:5]
@@ -180,6 +183,11 @@ class _DenseBlockFunction(torch.autograd.Function):
                   for i in range(num_layers)]
         acc = accumulation_dtype(buf.dtype)
         growth = layers[0].conv2_weight.shape[0]
+        if ctx.use_batch_stats:
+            # Every layer's inverse deviations in a few calls, not three per
+            # layer: at small sizes those calls cost as much as the arithmetic.
+            invstd_all = {eps: torch.rsqrt(var_all + eps) for eps in set(ctx.eps1)}
+            bott_invstd = torch.rsqrt(bott_var + torch.tensor(ctx.eps2, dtype=acc, device=buf.device).unsqueeze(1))
         grad_buf = torch.empty_like(buf, memory_format=kernel_format(buf))
         grad_buf.copy_(grad_buf_out)
         grads = [None] * len(flat)
@@ -187,8 +195,8 @@ class _DenseBlockFunction(torch.autograd.Function):
             p, bott = layers[i], bottlenecks[i]
             c_in = c0 + i * growth
             if ctx.use_batch_stats:
-                mean1, invstd1 = mean_all[:c_in], torch.rsqrt(var_all[:c_in] + ctx.eps1[i])
-                mean2, invstd2 = bott_mean[i], torch.rsqrt(bott_var[i] + ctx.eps2[i])
+                mean1, invstd1 = mean_all.narrow(0, 0, c_in), invstd_all[ctx.eps1[i]].narrow(0, 0, c_in)
+                mean2, invstd2 = bott_mean[i], bott_invstd[i]
                 batch_invstd1, batch_invstd2 = invstd1, invstd2
             else:
                 mean1 = p.norm1_running_mean.to(acc)
@@ -196,21 +204,21 @@ class _DenseBlockFunction(torch.autograd.Function):
                 mean2 = p.norm2_running_mean.to(acc)
                 invstd2 = torch.rsqrt(p.norm2_running_var.to(acc) + ctx.eps2[i])
                 batch_invstd1 = batch_invstd2 = None
-            grad_new = grad_buf[:, c_in:c_in + growth]
+            grad_new = grad_buf.narrow(1, c_in, growth)
             if ctx.drop:
                 grad_new = grad_new * noises[i]
             grad_bott, grad_scale2, grad_shift2, grad_w2 = unit_backward(
                 grad_new, bott, mean2, invstd2, p.norm2_weight, p.norm2_bias, p.conv2_weight, _CONV2, batch_invstd2)
             grad_in, grad_scale1, grad_shift1, grad_w1 = unit_backward(
-                grad_bott, buf[:, :c_in], mean1, invstd1, p.norm1_weight, p.norm1_bias, p.conv1_weight, _CONV1,
-                batch_invstd1)
-            grad_buf[:, :c_in] += grad_in
+                grad_bott, buf.narrow(1, 0, c_in), mean1, invstd1, p.norm1_weight, p.norm1_bias, p.conv1_weight,
+                _CONV1, batch_invstd1)
+            grad_buf.narrow(1, 0, c_in).add_(grad_in)
             base = i * _PARAMS_PER_LAYER
-            grads[base:base + 6] = [(grad_scale1 * invstd1).to(p.norm1_weight.dtype),
-                                    grad_shift1.to(p.norm1_bias.dtype), grad_w1,
-                                    (grad_scale2 * invstd2).to(p.norm2_weight.dtype),
-                                    grad_shift2.to(p.norm2_bias.dtype), grad_w2]
-        return (grad_buf[:, :c0], None, None, None, None, None, None, None, *grads)
+            grads[base:base + 6] = [converted(grad_scale1 * invstd1, p.norm1_weight.dtype),
+                                    converted(grad_shift1, p.norm1_bias.dtype), grad_w1,
+                                    converted(grad_scale2 * invstd2, p.norm2_weight.dtype),
+                                    converted(grad_shift2, p.norm2_bias.dtype), grad_w2]
+        return (grad_buf.narrow(1, 0, c0), None, None, None, None, None, None, None, *grads)
 
 
 def dense_block(x: torch.Tensor, layers, use_batch_stats: bool, eps1, eps2, drop_rate: float = 0.0,
