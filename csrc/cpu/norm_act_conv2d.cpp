@@ -224,91 +224,57 @@ void check_grad_out(const at::Tensor& grad_out, const UnitArgs& u, const at::Ten
 // mean(x[n, g]) and scale[n, c] = gamma[c] * invstd[n, g]. So x also reaches
 // the loss through them: d/dmean = -sum(scale * dz) and d/dvar =
 // -invstd^2 / 2 * sum(scale * dz * (x - mean)), summed over the statistic's
-// channels, and each value's share, (d/dmean + 2 d/dvar (x - mean)) / M, is
-// added to grad_x in place.
+// channels, and each value's share is a + b * (x - mean), with a = d/dmean / M
+// and b = 2 d/dvar / M, indexed like the parameters (per channel, or per
+// (sample, channel)).
+template <typename acc_t>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> stats_grad_coefficients(const UnitArgs& u, const Geometry& g,
+                                                                          const at::Tensor& batch_invstd,
+                                                                          const at::Tensor& grad_scale,
+                                                                          const at::Tensor& grad_shift) {
+  const at::Tensor invstd = batch_invstd.contiguous();
+  const acc_t* scale = u.scale.const_data_ptr<acc_t>();
+  const acc_t* inv = invstd.const_data_ptr<acc_t>();
+  const acc_t* gsc = grad_scale.const_data_ptr<acc_t>();
+  const acc_t* gsh = grad_shift.const_data_ptr<acc_t>();
+  // Per (n, c) of the parameters' shape: (C,) is one "sample" of C groups of 1.
+  const bool per_sample = u.scale.dim() == 2;
+  const int64_t samples = per_sample ? g.n : 1, groups = invstd.size(-1), per_group = g.c / groups;
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(per_sample ? per_group * g.hw : g.n * g.hw);
+  std::vector<acc_t> a(samples * g.c), b(samples * g.c);
+  for (int64_t n = 0; n < samples; ++n) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      acc_t grad_mean = 0, grad_var = 0;
+      for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+        grad_mean -= scale[n * g.c + c] * gsh[n * g.c + c];
+        grad_var += scale[n * g.c + c] * gsc[n * g.c + c];
+      }
+      const acc_t r = inv[n * groups + grp];
+      grad_var *= acc_t(-0.5) * r * r;
+      std::fill_n(a.begin() + n * g.c + grp * per_group, per_group, grad_mean * inv_count);
+      std::fill_n(b.begin() + n * g.c + grp * per_group, per_group, acc_t(2) * grad_var * inv_count);
+    }
+  }
+  return {std::move(a), std::move(b)};
+}
+
+// grad_x += a + b * (x - mean): the statistics' share added to an input
+// gradient already holding dz * scale.
 void add_stats_grad(const UnitArgs& u, const at::Tensor& batch_invstd, const at::Tensor& grad_scale,
                     const at::Tensor& grad_shift, at::Tensor& grad_x) {
   const Geometry g = geometry(u.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.x.scalar_type(), "stats_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor invstd = batch_invstd.contiguous();
-    const acc_t* scale = u.scale.const_data_ptr<acc_t>();
-    const acc_t* inv = invstd.const_data_ptr<acc_t>();
-    const acc_t* gsc = grad_scale.const_data_ptr<acc_t>();
-    const acc_t* gsh = grad_shift.const_data_ptr<acc_t>();
-    // Per (n, c) of the parameters' shape: (C,) is one "sample" of C groups of 1.
-    const bool per_sample = u.scale.dim() == 2;
-    const int64_t samples = per_sample ? g.n : 1, groups = invstd.size(-1), per_group = g.c / groups;
-    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(per_sample ? per_group * g.hw : g.n * g.hw);
-    std::vector<acc_t> a(samples * g.c), b(samples * g.c);
-    for (int64_t n = 0; n < samples; ++n) {
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        acc_t grad_mean = 0, grad_var = 0;
-        for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-          grad_mean -= scale[n * g.c + c] * gsh[n * g.c + c];
-          grad_var += scale[n * g.c + c] * gsc[n * g.c + c];
-        }
-        const acc_t r = inv[n * groups + grp];
-        grad_var *= acc_t(-0.5) * r * r;
-        std::fill_n(a.begin() + n * g.c + grp * per_group, per_group, grad_mean * inv_count);
-        std::fill_n(b.begin() + n * g.c + grp * per_group, per_group, acc_t(2) * grad_var * inv_count);
-      }
-    }
+    const auto [a, b] = stats_grad_coefficients<acc_t>(u, g, batch_invstd, grad_scale, grad_shift);
     for_each_run(g, CenteredAffineGrad<scalar_t, acc_t, /*kAccumulate=*/true>{
                         u.x.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), u.mean.const_data_ptr<acc_t>(),
-                        a.data(), b.data(), g.c, per_sample ? g.c : 0});
+                        a.data(), b.data(), g.c, u.scale.dim() == 2 ? g.c : 0});
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-    const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-    const std::optional<at::Tensor>& batch_invstd, std::array<bool, 2> output_mask) {
-  const UnitArgs u =
-      check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
-  check_grad_out(grad_out, u, weight);
-  check_batch_invstd(u, batch_invstd);
-  const auto [want_input, want_weight] = output_mask;
-  at::Tensor grad_x, grad_weight;
-  std::vector<double> sums;  // [N][C][2]: sums of dz and dz * (x - mean)
-  const Geometry g = geometry(u.x);
-  if (conv1x1_applies(u.x, weight, stride, padding, groups)) {
-    Conv1x1Grads grads = conv1x1_backward(grad_out, u.x, u.mean, u.scale, u.shift, u.activation, weight, output_mask);
-    if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grads.grad_weight};
-    grad_x = std::move(grads.grad_x);
-    grad_weight = std::move(grads.grad_weight);
-    sums = std::move(grads.sums);
-  } else {
-    // The weight gradient needs act(z), recomputed here; the input gradient only
-    // reads the input's shape, dtype and layout, so without the weight gradient
-    // an uninitialised tensor stands in for it. One ATen call computes both.
-    const at::MemoryFormat format = backward_format(u, weight);
-    const at::Tensor a =
-        want_weight ? to_format(normalize_activate(u, weight.scalar_type()), format)
-                    : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(format));
-    auto [grad_a, grad_w, unused_bias] =
-        at::convolution_backward(to_format(grad_out, format), a, weight, std::nullopt, stride, padding, dilation,
-                                 false, std::vector<int64_t>(stride.size(), 0), groups,
-                                 {want_input, want_weight, false});
-    if (want_weight) grad_weight = grad_w.contiguous(kernel_format(weight));
-    if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
-    grad_a = to_format(grad_a, u.format);
-
-    grad_x = at::empty(u.x.sizes(), u.x.options().memory_format(u.format));
-    dispatch_in_out(u.x.scalar_type(), weight.scalar_type(), [&](auto in_tag, auto out_tag) {
-      using in_t = typename decltype(in_tag)::type;
-      using out_t = typename decltype(out_tag)::type;
-      using acc_t = at::opmath_type<in_t>;
-      const NormParams<acc_t> p(u.mean, u.scale, u.shift);
-      dispatch_activation(u.activation, [&](auto act) {
-        sums = sum_per_sample_channel<2>(
-            g, ActivationBackward<in_t, out_t, acc_t, decltype(act)::value>{
-                   u.x.const_data_ptr<in_t>(), grad_a.const_data_ptr<out_t>(), grad_x.data_ptr<in_t>(), p, g.c});
-      });
-    });
-  }
-
+// The scale and shift gradients, (C,) or (N, C) like the parameters, from the
+// [N][C][2] sums of dz and dz * (x - mean).
+std::pair<at::Tensor, at::Tensor> param_grads(const UnitArgs& u, const Geometry& g, const std::vector<double>& sums) {
   at::Tensor grad_scale = at::empty(u.scale.sizes(), u.scale.options());
   at::Tensor grad_shift = at::empty(u.scale.sizes(), u.scale.options());
   AT_DISPATCH_FLOATING_TYPES(u.scale.scalar_type(), "norm_act_conv2d_backward", [&] {
@@ -332,7 +298,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backw
       }
     }
   });
-  if (batch_invstd.has_value()) add_stats_grad(u, *batch_invstd, grad_scale, grad_shift, grad_x);
+  return {grad_scale, grad_shift};
+}
+
+// The input and parameter gradients from grad_a, the gradient of the
+// convolution's input (dense in x's kernel format). Without batch
+// statistics one pass writes dz * scale and reduces the sums; with them a
+// first pass reduces the sums only and a second writes the whole input
+// gradient, into grad_a's own storage when the dtypes match: one stream and
+// one full-size allocation fewer than writing dz * scale and adding the
+// statistics' share in a pass of its own.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> activation_input_grads(const UnitArgs& u, const at::Tensor& grad_a,
+                                                                      const std::optional<at::Tensor>& batch_invstd) {
+  const Geometry g = geometry(u.x);
+  const bool in_place = batch_invstd.has_value() && grad_a.scalar_type() == u.x.scalar_type();
+  at::Tensor grad_x = in_place ? grad_a : at::empty(u.x.sizes(), u.x.options().memory_format(u.format));
+  std::vector<double> sums;  // [N][C][2]: sums of dz and dz * (x - mean)
+  at::Tensor grad_scale, grad_shift;
+  dispatch_in_out(u.x.scalar_type(), grad_a.scalar_type(), [&](auto in_tag, auto out_tag) {
+    using in_t = typename decltype(in_tag)::type;
+    using out_t = typename decltype(out_tag)::type;
+    using acc_t = at::opmath_type<in_t>;
+    const NormParams<acc_t> p(u.mean, u.scale, u.shift);
+    dispatch_activation(u.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      const in_t* x = u.x.const_data_ptr<in_t>();
+      const out_t* ga = grad_a.const_data_ptr<out_t>();
+      if (!batch_invstd.has_value()) {
+        sums = sum_per_sample_channel<2>(
+            g, ActivationBackward<in_t, out_t, acc_t, A>{x, ga, grad_x.data_ptr<in_t>(), p, g.c});
+        std::tie(grad_scale, grad_shift) = param_grads(u, g, sums);
+        return;
+      }
+      sums = sum_per_sample_channel<2>(g, ActivationBackward<in_t, out_t, acc_t, A, /*kWriteGradX=*/false>{
+                                              x, ga, nullptr, p, g.c});
+      std::tie(grad_scale, grad_shift) = param_grads(u, g, sums);
+      const auto [a, b] = stats_grad_coefficients<acc_t>(u, g, *batch_invstd, grad_scale, grad_shift);
+      for_each_run(g, ActivationInputGrad<in_t, out_t, acc_t, A>{x, ga, grad_x.data_ptr<in_t>(), p, a.data(),
+                                                                 b.data(), g.c});
+    });
+  });
+  return {grad_x, grad_scale, grad_shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_conv2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    const std::optional<at::Tensor>& batch_invstd, std::array<bool, 2> output_mask) {
+  const UnitArgs u =
+      check_unit_args(x, mean, scale, shift, weight, stride, padding, dilation, groups, activation);
+  check_grad_out(grad_out, u, weight);
+  check_batch_invstd(u, batch_invstd);
+  const auto [want_input, want_weight] = output_mask;
+  if (conv1x1_applies(u.x, weight, stride, padding, groups)) {
+    Conv1x1Grads grads = conv1x1_backward(grad_out, u.x, u.mean, u.scale, u.shift, u.activation, weight, output_mask);
+    if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grads.grad_weight};
+    auto [grad_scale, grad_shift] = param_grads(u, geometry(u.x), grads.sums);
+    if (batch_invstd.has_value()) add_stats_grad(u, *batch_invstd, grad_scale, grad_shift, grads.grad_x);
+    return {grads.grad_x, grad_scale, grad_shift, grads.grad_weight};
+  }
+  // The weight gradient needs act(z), recomputed here; the input gradient only
+  // reads the input's shape, dtype and layout, so without the weight gradient
+  // an uninitialised tensor stands in for it. One ATen call computes both.
+  const at::MemoryFormat format = backward_format(u, weight);
+  const at::Tensor a = want_weight
+                           ? to_format(normalize_activate(u, weight.scalar_type()), format)
+                           : at::empty(u.x.sizes(), u.x.options().dtype(weight.scalar_type()).memory_format(format));
+  auto [grad_a, grad_w, unused_bias] =
+      at::convolution_backward(to_format(grad_out, format), a, weight, std::nullopt, stride, padding, dilation, false,
+                               std::vector<int64_t>(stride.size(), 0), groups, {want_input, want_weight, false});
+  at::Tensor grad_weight = want_weight ? grad_w.contiguous(kernel_format(weight)) : at::Tensor();
+  if (!want_input) return {at::Tensor(), at::Tensor(), at::Tensor(), grad_weight};
+  auto [grad_x, grad_scale, grad_shift] = activation_input_grads(u, to_format(grad_a, u.format), batch_invstd);
   return {grad_x, grad_scale, grad_shift, grad_weight};
 }
 

@@ -114,4 +114,52 @@ struct ActivationBackward {
   }
 };
 
+// The input gradient in one pass once the sums are known: grad_x = dz *
+// scale + a + b * (x - mean), dz = grad_a * act'(z), with a, b the statistics'
+// share (stats_grad.h), indexed like the parameters. grad_x may be grad_a's
+// own storage (same dtype and layout): each element is read before it is
+// written, so the two are not declared __restrict__.
+template <typename in_t, typename out_t, typename acc_t, Activation A>
+struct ActivationInputGrad {
+  const in_t* __restrict__ x;
+  const out_t* grad_a;
+  in_t* grad_x;
+  NormParams<acc_t> p;
+  const acc_t* __restrict__ a;
+  const acc_t* __restrict__ b;
+  int64_t channels;
+
+  void plane(int64_t n, int64_t c, int64_t offset, int64_t x_offset, int64_t length) const {
+    const int64_t k = p.index(n, c);
+    const acc_t m = p.mean[k], s = p.scale[k], sh = p.shift[k], ca = a[k], cb = b[k];
+    const in_t* __restrict__ xp = x + x_offset;
+    const out_t* gp = grad_a + offset;
+    in_t* gx = grad_x + offset;
+#pragma omp simd
+    for (int64_t i = 0; i < length; ++i) {
+      const acc_t xv = static_cast<acc_t>(xp[i]);
+      const acc_t dz = activation_backward<A>((xv - m) * s + sh, static_cast<acc_t>(gp[i]));
+      gx[i] = static_cast<in_t>(dz * s + centered_affine(xv, m, ca, cb));
+    }
+  }
+
+  void row(int64_t n, int64_t offset, int64_t x_offset) const {
+    const int64_t k0 = p.index(n, 0);
+    const acc_t* __restrict__ m = p.mean + k0;
+    const acc_t* __restrict__ s = p.scale + k0;
+    const acc_t* __restrict__ sh = p.shift + k0;
+    const acc_t* __restrict__ ca = a + k0;
+    const acc_t* __restrict__ cb = b + k0;
+    const in_t* __restrict__ xr = x + x_offset;
+    const out_t* gr = grad_a + offset;
+    in_t* gx = grad_x + offset;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t xv = static_cast<acc_t>(xr[c]);
+      const acc_t dz = activation_backward<A>((xv - m[c]) * s[c] + sh[c], static_cast<acc_t>(gr[c]));
+      gx[c] = static_cast<in_t>(dz * s[c] + centered_affine(xv, m[c], ca[c], cb[c]));
+    }
+  }
+};
+
 }  // namespace resfast::cpu
