@@ -130,32 +130,29 @@ def group_norm_affine(x, num_groups, weight, bias, eps) -> "ops.NormAffine":
     return ops.group_norm_affine(x, num_groups, weight, bias, eps)
 
 
-def join_parts(parts, affines, weight):
-    """(parts, affines) as they are, or as one concatenated part with its
-    NormAffine where that is cheaper for a convolution with `weight` over
-    them. A weight split along its input channels is strided, so the
-    convolution copies each part of it (and the backward concatenates their
-    gradients), and each part is a convolution call of its own: without
-    autograd, and wherever the maps are smaller than the weight (a U-Net's
-    deepest levels), concatenating them costs less. The concatenation is then
-    saved for backward in place of the parts: smaller than the weight."""
+def join_parts(parts, weight):
+    """parts as they are, or [their channel concatenation] where that is
+    cheaper for a convolution with `weight` over them. A weight split along
+    its input channels is strided, so the convolution copies each part of it
+    (and the backward concatenates their gradients), and each part is a
+    convolution call of its own: without autograd, and wherever the maps are
+    smaller than the weight (a U-Net's deepest levels), concatenating them
+    costs less. The concatenation is then saved for backward in place of the
+    parts: smaller than the weight. Join before normalising: one
+    normalisation of the concatenation, not one per part."""
     if len(parts) == 1 or (torch.is_grad_enabled() and sum(p.numel() for p in parts) >= weight.numel()):
-        return parts, affines
-    # Per-channel vectors (C,), per-(sample, channel) and per-(sample, group)
-    # ones (N, C), (N, G) join along their last dim (no group straddles parts).
-    joined = ops.NormAffine(*(None if fields[0] is None else torch.cat(fields, -1) for fields in zip(*affines)))
-    return [torch.cat(parts, 1)], [joined]
+        return parts
+    return [torch.cat(parts, 1)]
 
 
 def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
     """conv(act(normalised concatenation of parts)) + residual: each part is
     a slice of the convolution's input channels, and each partial sum
     reaches the next part's convolution as its residual, added in the
-    epilogue (or the parts are concatenated where join_parts finds it
-    cheaper)."""
+    epilogue (join_parts decides, before the normalisation, where one
+    concatenated part is cheaper)."""
     if len(parts) > 1 and conv.groups != 1:
         raise ValueError(f"conv: a split input needs groups=1, got {conv.groups}")
-    parts, affines = join_parts(parts, affines, conv.weight)
     # One split, not a slice per part: the slices' backward would zero-fill
     # and copy a whole weight-sized gradient for each part.
     weights = conv.weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (conv.weight,)

@@ -71,8 +71,8 @@ class PreActResBlock(nn.Module):
         widths = tuple(p.shape[1] for p in parts)
         if widths != self.in_parts:
             raise ValueError(f"input: expected parts of {self.in_parts} channels, got {widths}")
+        parts = join_parts(parts, self.conv1.weight)  # once for both convolutions
         preact = norm_affines(parts, self.norm1, self.training)
-        parts, preact = join_parts(parts, preact, self.conv1.weight)  # once for both convolutions
         if self.downsample is None:
             shortcut = parts[0]
         else:

@@ -187,7 +187,10 @@ class _DenseBlockFunction(torch.autograd.Function):
             # Every layer's inverse deviations in a few calls, not three per
             # layer: at small sizes those calls cost as much as the arithmetic.
             invstd_all = {eps: torch.rsqrt(var_all + eps) for eps in set(ctx.eps1)}
-            bott_invstd = torch.rsqrt(bott_var + torch.tensor(ctx.eps2, dtype=acc, device=buf.device).unsqueeze(1))
+            if len(set(ctx.eps2)) == 1:
+                bott_invstd = torch.rsqrt(bott_var + ctx.eps2[0])
+            else:
+                bott_invstd = torch.stack([torch.rsqrt(v + eps) for v, eps in zip(bott_var, ctx.eps2)])
         grad_buf = torch.empty_like(buf, memory_format=kernel_format(buf))
         grad_buf.copy_(grad_buf_out)
         grads = [None] * len(flat)
