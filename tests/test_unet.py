@@ -153,3 +153,11 @@ def test_block_rejects_wrong_parts():
     block = resfast.nn.PreActResBlock((4, 4), 4, num_groups=2)
     with pytest.raises(ValueError, match="input: expected parts of"):
         block(torch.randn(1, 4, 5, 5))
+
+
+def test_block_rejects_groups_straddling_its_parts():
+    """At construction, whether or not a forward would concatenate the parts."""
+    with pytest.raises(ValueError, match="in_chs: each part's channels"):
+        resfast.nn.PreActResBlock((8, 8), 8, num_groups=1)
+    with pytest.raises(ValueError, match="in_chs: each part's channels"):
+        resfast.models.UNet(in_channels=3, out_channels=2, widths=(8, 16, 64), num_groups=1)

@@ -130,17 +130,22 @@ def group_norm_affine(x, num_groups, weight, bias, eps) -> "ops.NormAffine":
     return ops.group_norm_affine(x, num_groups, weight, bias, eps)
 
 
-def join_parts(parts, weight):
+def join_parts(parts, weight, norm: nn.Module, training: bool):
     """parts as they are, or [their channel concatenation] where that is
-    cheaper for a convolution with `weight` over them. A weight split along
-    its input channels is strided, so the convolution copies each part of it
-    (and the backward concatenates their gradients), and each part is a
-    convolution call of its own: without autograd, and wherever the maps are
-    smaller than the weight (a U-Net's deepest levels), concatenating them
-    costs less. The concatenation is then saved for backward in place of the
-    parts: smaller than the weight. Join before normalising: one
-    normalisation of the concatenation, not one per part."""
-    if len(parts) == 1 or (torch.is_grad_enabled() and sum(p.numel() for p in parts) >= weight.numel()):
+    cheaper for a convolution with `weight` over them, normalised by `norm`.
+    A weight split along its input channels is strided, so the convolution
+    copies each part of it (and the backward concatenates their gradients),
+    and each part is a convolution call of its own: without autograd, and
+    wherever the maps are smaller than the weight (a U-Net's deepest levels),
+    concatenating them costs less. The concatenation is then saved for
+    backward besides the skip map's own saved copy: at most the weight's
+    size more. Join before normalising: one normalisation of the
+    concatenation, not one per part. Never with a synchronised BatchNorm in
+    training: ranks whose batches differ in size would decide differently
+    and make different collective calls."""
+    if len(parts) == 1 or sync_process_group(norm, training)[0]:
+        return parts
+    if torch.is_grad_enabled() and sum(p.numel() for p in parts) >= weight.numel():
         return parts
     return [torch.cat(parts, 1)]
 

@@ -55,6 +55,12 @@ class PreActResBlock(nn.Module):
         if padding not in ("same", "valid"):
             raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
         self.norm1 = make_norm(norm, total, num_groups, **factory, spatial_dims=spatial_dims)
+        if norm == "group" and any(w % (total // num_groups) for w in self.in_parts):
+            # Checked here, not per call: a forward may normalise the parts
+            # one by one or concatenated (join_parts), and must accept the
+            # same inputs either way.
+            raise ValueError(f"in_chs: each part's channels {self.in_parts} must hold whole groups of "
+                             f"{total // num_groups} channels (num_groups={num_groups} over {total})")
         self.activation = NORMS[norm]
         self.conv1 = conv(total, out_chs, 3, padding=padding, bias=False, **factory)
         self.norm2 = make_norm(norm, out_chs, num_groups, **factory, spatial_dims=spatial_dims)
@@ -71,7 +77,7 @@ class PreActResBlock(nn.Module):
         widths = tuple(p.shape[1] for p in parts)
         if widths != self.in_parts:
             raise ValueError(f"input: expected parts of {self.in_parts} channels, got {widths}")
-        parts = join_parts(parts, self.conv1.weight)  # once for both convolutions
+        parts = join_parts(parts, self.conv1.weight, self.norm1, self.training)  # once for both convolutions
         preact = norm_affines(parts, self.norm1, self.training)
         if self.downsample is None:
             shortcut = parts[0]
