@@ -10,7 +10,8 @@ leaves nothing to write in place, so autograd and torch.compile see a plain
 functional graph; the saved state is the same two maps a concatenation buffer
 would hold. Where the maps are smaller than the convolution's weight (the
 deepest levels), and without autograd, the block concatenates them instead
-(resfast.nn.norm_conv.join_parts): the split weight would cost more to copy.
+(resfast.nn.norm_conv.join_parts): the split weight would cost more to copy
+(never with a synchronised BatchNorm in training).
 """
 
 from typing import Sequence
