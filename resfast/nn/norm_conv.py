@@ -84,8 +84,8 @@ def norm_affines(parts, norm: nn.Module, training: bool) -> list:
     module's buffers; a BatchNorm counts the batch once."""
     batch_norm = isinstance(norm, BATCH_NORMS + BATCH_NORMS_3D)
     if len(parts) == 1:
-        # The common case, without the parts' bookkeeping and parameter slices
-        # (a third of a small unit's Python time).
+        # The common case, without the parts' bookkeeping and parameter
+        # slices, which at small sizes cost more than the op itself.
         x = parts[0]
         if batch_norm and x.shape[1] == norm.num_features:
             return [bn_affine(norm, x, training)]
@@ -116,11 +116,21 @@ def norm_affines(parts, norm: nn.Module, training: bool) -> list:
         return [batch_norm_affine(x, part(running_mean, s, w), part(running_var, s, w), part(weight, s, w),
                                   part(bias, s, w), use_batch, factor, eps)
                 for x, s, w in zip(parts, starts, widths)]
-    group_size = norm.num_channels // norm.num_groups
-    if any(w % group_size for w in widths):
-        raise ValueError(f"input: each part's channels {widths} must hold whole groups of {group_size} channels")
+    group_size = check_whole_groups(widths, norm.num_groups, "input")
     return [group_norm_affine(x, w // group_size, part(norm.weight, s, w), part(norm.bias, s, w), norm.eps)
             for x, s, w in zip(parts, starts, widths)]
+
+
+def check_whole_groups(widths, num_groups, name) -> int:
+    """The group size of a GroupNorm of num_groups groups over parts of
+    `widths` channels, each of which must hold whole groups (ValueError
+    naming `name` otherwise)."""
+    total = sum(widths)
+    group_size = total // num_groups
+    if any(w % group_size for w in widths):
+        raise ValueError(f"{name}: each part's channels {list(widths)} must hold whole groups of {group_size} "
+                         f"channels (num_groups={num_groups} over {total})")
+    return group_size
 
 
 def group_norm_affine(x, num_groups, weight, bias, eps) -> "ops.NormAffine":

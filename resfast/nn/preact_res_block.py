@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from resfast import ops
-from resfast.nn.norm_conv import join_parts, norm_affines, norm_conv_parts
+from resfast.nn.norm_conv import check_whole_groups, join_parts, norm_affines, norm_conv_parts
 
 NORMS = {"batch": "relu", "group": "silu"}
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -55,12 +55,11 @@ class PreActResBlock(nn.Module):
         if padding not in ("same", "valid"):
             raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
         self.norm1 = make_norm(norm, total, num_groups, **factory, spatial_dims=spatial_dims)
-        if norm == "group" and any(w % (total // num_groups) for w in self.in_parts):
+        if norm == "group":
             # Checked here, not per call: a forward may normalise the parts
             # one by one or concatenated (join_parts), and must accept the
             # same inputs either way.
-            raise ValueError(f"in_chs: each part's channels {self.in_parts} must hold whole groups of "
-                             f"{total // num_groups} channels (num_groups={num_groups} over {total})")
+            check_whole_groups(self.in_parts, num_groups, "in_chs")
         self.activation = NORMS[norm]
         self.conv1 = conv(total, out_chs, 3, padding=padding, bias=False, **factory)
         self.norm2 = make_norm(norm, out_chs, num_groups, **factory, spatial_dims=spatial_dims)

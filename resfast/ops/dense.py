@@ -169,9 +169,6 @@ class _DenseBlockFunction(torch.autograd.Function):
             grad_mean, grad_var = -scale * grad_shift, -0.5 * scale * invstd * invstd * grad_scale
             return grad_x + shared_stats_grad(x, mean, grad_mean, grad_var, ctx.total, sync[0]), *grads[1:]
 
-        def converted(t, dtype):
-            return t if t.dtype == dtype else t.to(dtype)
-
         num_layers, c0 = ctx.num_layers, ctx.c0
         saved = ctx.saved_tensors
         buf, mean_all, var_all, bott_mean, bott_var = saved[:5]
@@ -217,10 +214,10 @@ class _DenseBlockFunction(torch.autograd.Function):
                 _CONV1, batch_invstd1)
             grad_buf.narrow(1, 0, c_in).add_(grad_in)
             base = i * _PARAMS_PER_LAYER
-            grads[base:base + 6] = [converted(grad_scale1 * invstd1, p.norm1_weight.dtype),
-                                    converted(grad_shift1, p.norm1_bias.dtype), grad_w1,
-                                    converted(grad_scale2 * invstd2, p.norm2_weight.dtype),
-                                    converted(grad_shift2, p.norm2_bias.dtype), grad_w2]
+            grads[base:base + 6] = [(grad_scale1 * invstd1).to(p.norm1_weight.dtype),
+                                    grad_shift1.to(p.norm1_bias.dtype), grad_w1,
+                                    (grad_scale2 * invstd2).to(p.norm2_weight.dtype),
+                                    grad_shift2.to(p.norm2_bias.dtype), grad_w2]
         return (grad_buf.narrow(1, 0, c0), None, None, None, None, None, None, None, *grads)
 
 
