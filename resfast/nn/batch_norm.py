@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from resfast import ops
+from resfast.nn.members import plain, tensor
 from resfast.ops.layout import per_element
 
 # The BatchNorm modules whose parameters and buffers the fused units use
@@ -20,14 +21,18 @@ def batch_norm_args(bn: nn.BatchNorm2d, training: bool):
     weight, bias, whether to use batch statistics, momentum factor, eps), with
     its num_batches_tracked and cumulative-average bookkeeping. Call once per
     forward: it counts the batch."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = training or (bn.running_mean is None and bn.running_var is None)
+    momentum = bn.momentum
+    factor = 0.0 if momentum is None else momentum
+    running_mean, running_var = tensor(bn, "running_mean"), tensor(bn, "running_var")
+    if training and bn.track_running_stats:
+        num_batches_tracked = tensor(bn, "num_batches_tracked")
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    use_batch_stats = training or (running_mean is None and running_var is None)
     keep_running = not training or bn.track_running_stats
-    return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
-            bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+    return (running_mean if keep_running else None, running_var if keep_running else None,
+            tensor(bn, "weight"), tensor(bn, "bias"), use_batch_stats, factor, bn.eps)
 
 
 class _SyncBatchNorm:
@@ -47,6 +52,7 @@ class _SyncBatchNorm:
         return ((x.to(mean.dtype) - per_element(mean, x)) * per_element(scale, x) + per_element(shift, x)).to(x.dtype)
 
 
+@plain
 class SyncBatchNorm2d(_SyncBatchNorm, nn.BatchNorm2d):
     """nn.BatchNorm2d whose training-mode statistics are computed over every
     process of `process_group` (default: the world), as nn.SyncBatchNorm's
@@ -55,6 +61,7 @@ class SyncBatchNorm2d(_SyncBatchNorm, nn.BatchNorm2d):
     the group; called on its own it normalises like nn.SyncBatchNorm."""
 
 
+@plain
 class SyncBatchNorm3d(_SyncBatchNorm, nn.BatchNorm3d):
     """SyncBatchNorm2d for volumes: an nn.BatchNorm3d with a process group."""
 
@@ -73,10 +80,16 @@ def direct(x, residual=None, weight=None) -> bool:
     """Whether a module's arguments can go to the registered ops as they are
     (they check them in C++): a non-empty floating-point CPU or CUDA tensor,
     no autocast, and a residual of the convolution's dtype."""
-    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0
-            and x.device.type in ("cpu", "cuda")
-            and not torch.is_autocast_enabled(x.device.type)
-            and (residual is None or residual.dtype == weight.dtype))
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0):
+        return False
+    # is_cpu/is_cuda and a literal device type: x.device builds an object per call.
+    if x.is_cpu:
+        autocast = torch.is_autocast_enabled("cpu")
+    elif x.is_cuda:
+        autocast = torch.is_autocast_enabled("cuda")
+    else:
+        return False
+    return not autocast and (residual is None or residual.dtype == weight.dtype)
 
 
 def bn_affine(bn: nn.Module, x: torch.Tensor, training: bool, batch_stats=None) -> "ops.NormAffine":

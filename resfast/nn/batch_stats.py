@@ -27,7 +27,8 @@ _RECORDS: dict = {}
 
 
 def _key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+    # get_device(): an int, where t.device builds an object per call.
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
 
 
 def _active(t) -> bool:
@@ -52,7 +53,7 @@ def record(y: torch.Tensor, stats) -> None:
 
 def lookup(x: torch.Tensor):
     """The statistics recorded for x's values, or None."""
-    if not _active(x):
+    if not _RECORDS or not _active(x):
         return None
     found = _RECORDS.get(_key(x))
     if found is None:

@@ -7,19 +7,22 @@ from torch import nn
 from resfast import ops
 from resfast.activations import check_activation
 from resfast.nn.batch_norm import direct
+from resfast.nn.members import child, plain, tensor
 from resfast.nn.norm_act_conv import NormActConvUnit
 from resfast.nn.norm_conv import conv_arguments, norm_conv
 
 
+@plain
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same constructor, parameters and state_dict) on resfast's
     GroupNorm kernels: fast on channels_last, statistics in float32 with a
     stable method, and only the input saved for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return ops.group_norm(x, self.num_groups, tensor(self, "weight"), tensor(self, "bias"), self.eps)
 
 
+@plain
 class GroupNormAct(nn.GroupNorm):
     """act(GroupNorm(x)) in one pass, act in {"identity", "relu", "relu6", "silu"};
     parameters and state_dict as nn.GroupNorm. The backward recomputes the
@@ -33,7 +36,8 @@ class GroupNormAct(nn.GroupNorm):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        return ops.group_norm(x, self.num_groups, tensor(self, "weight"), tensor(self, "bias"), self.eps,
+                              self.activation)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation!r}"
@@ -55,13 +59,14 @@ class _GroupNormActConv(NormActConvUnit):
         self._adopt(norm, conv, activation)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x)
-        norm, conv = self.norm, self.conv
-        if direct(x, residual, conv.weight):
-            return torch.ops.resfast.group_norm_act_conv2d(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                                           conv.weight, conv.bias, residual, *conv_arguments(conv),
-                                                           self.activation)
-        affine = ops.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        norm, conv = child(self, "norm"), child(self, "conv")
+        self.check_input(x, conv)
+        norm_weight, norm_bias, weight = tensor(norm, "weight"), tensor(norm, "bias"), tensor(conv, "weight")
+        if direct(x, residual, weight):
+            return torch.ops.resfast.group_norm_act_conv2d(x, norm.num_groups, norm_weight, norm_bias, norm.eps,
+                                                           weight, tensor(conv, "bias"), residual,
+                                                           *conv_arguments(conv), self.activation)
+        affine = ops.group_norm_affine(x, norm.num_groups, norm_weight, norm_bias, norm.eps)
         return norm_conv(x, affine, conv, residual, self.activation)
 
 

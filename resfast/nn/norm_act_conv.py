@@ -7,6 +7,7 @@ from torch import nn
 from resfast import ops
 from resfast.activations import check_activation
 from resfast.nn import batch_stats
+from resfast.nn.members import child
 from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d
 from resfast.nn.norm_conv import batch_norm_conv, check_conv_module
 
@@ -48,9 +49,9 @@ class NormActConvUnit(nn.Module):
         unit._adopt(norm, conv, cls.default_activation if activation is None else activation)
         return unit
 
-    def check_input(self, x):
-        """x has the rank and channels the convolution takes: named as x's
-        fault, not as a weight error from the op."""
+    def check_input(self, x, conv):
+        """x has the rank and channels the convolution `conv` (self's) takes:
+        named as x's fault, not as a weight error from the op."""
         if not isinstance(x, torch.Tensor):
             return  # the ops name it
         dims = 4 if self.conv_type is nn.Conv2d else 5
@@ -58,8 +59,8 @@ class NormActConvUnit(nn.Module):
             layout = "(N, C, H, W)" if dims == 4 else "(N, C, D, H, W)"
             raise ValueError(f"x: expected a {dims}-D {layout} tensor for {type(self).__name__}, got {x.dim()}-D "
                              f"with shape {tuple(x.shape)}")
-        if x.shape[1] != self.conv.in_channels:
-            raise ValueError(f"x: expected {self.conv.in_channels} channels for {type(self).__name__}, got shape "
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"x: expected {conv.in_channels} channels for {type(self).__name__}, got shape "
                              f"{tuple(x.shape)}")
 
     def extra_repr(self):
@@ -82,10 +83,12 @@ class _BatchNormActConv(NormActConvUnit):
         self._adopt(bn, conv, activation)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x)
+        conv = child(self, "conv")
+        self.check_input(x, conv)
+        training = self.training
         # In training, x's statistics from its producer when it handed them on (resfast.nn.batch_stats).
-        x_stats = batch_stats.lookup(x) if self.training else None
-        return batch_norm_conv(self.bn, self.conv, x, self.training, residual, self.activation, x_stats)
+        x_stats = batch_stats.lookup(x) if training else None
+        return batch_norm_conv(child(self, "bn"), conv, x, training, residual, self.activation, x_stats)
 
 
 class BNReLUConv2d(_BatchNormActConv):

@@ -17,14 +17,17 @@ from torch import nn
 from resfast import ops
 from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, batch_norm_affine, batch_norm_args, bn_affine, \
     direct, sync_process_group
+from resfast.nn.members import tensor
 
 fused = torch.ops.resfast
 
 
 def conv_arguments(conv: nn.Conv2d):
     """conv's stride, padding (ints), dilation and groups as the ops take them."""
-    return (list(conv.stride), list(ops.conv_padding(conv.padding, conv.kernel_size, conv.dilation)),
-            list(conv.dilation), conv.groups)
+    padding = conv.padding  # a tuple of ints as the module sets it, or a string
+    if not isinstance(padding, tuple):
+        padding = ops.conv_padding(padding, conv.kernel_size, conv.dilation)
+    return list(conv.stride), list(padding), list(conv.dilation), conv.groups
 
 
 def check_conv_module(conv: nn.Module, conv_type=nn.Conv2d):
@@ -52,7 +55,8 @@ def norm_conv(x: torch.Tensor, affine: "ops.NormAffine", conv: nn.Conv2d, residu
     """conv(act(normalised x)) + residual, one fused op, with conv's
     parameters; with output_stats, also the output's per-channel (mean, var)
     from the epilogue: (y, (mean, var))."""
-    out = affine_conv(x, affine, conv, conv.weight, conv.bias, residual, activation, output_stats)
+    out = affine_conv(x, affine, conv, tensor(conv, "weight"), tensor(conv, "bias"), residual, activation,
+                      output_stats)
     return (out[0], out[1:]) if output_stats else out
 
 
@@ -62,16 +66,17 @@ def batch_norm_conv(bn: nn.Module, conv: nn.Conv2d, x: torch.Tensor, training: b
     parameters (F.batch_norm's semantics; statistics over every process when
     bn is synchronised). batch_stats: x's, from its producer. weight: the
     convolution's, when it is not conv.weight as it is (a standardised one)."""
-    conv_weight = conv.weight if weight is None else weight
+    conv_weight = tensor(conv, "weight") if weight is None else weight
+    conv_bias = tensor(conv, "bias")
     if sync_process_group(bn, training)[0]:
-        return affine_conv(x, bn_affine(bn, x, training), conv, conv_weight, conv.bias, residual, activation)
+        return affine_conv(x, bn_affine(bn, x, training), conv, conv_weight, conv_bias, residual, activation)
     running_mean, running_var, weight, bias, use_batch, factor, eps = batch_norm_args(bn, training)
     if direct(x, residual, conv_weight):
         return fused.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps,
-                                           conv_weight, conv.bias, residual, *conv_arguments(conv), activation,
+                                           conv_weight, conv_bias, residual, *conv_arguments(conv), activation,
                                            *(batch_stats or (None, None)))
     return ops.batch_norm_act_conv2d(x, running_mean, running_var, weight, bias, use_batch, factor, eps, conv_weight,
-                                     conv.bias, conv.stride, ops.conv_padding(conv.padding, conv.kernel_size,
+                                     conv_bias, conv.stride, ops.conv_padding(conv.padding, conv.kernel_size,
                                                                               conv.dilation),
                                      conv.dilation, conv.groups, activation, residual, batch_stats)
 
@@ -90,7 +95,7 @@ def norm_affines(parts, norm: nn.Module, training: bool) -> list:
         if batch_norm and x.shape[1] == norm.num_features:
             return [bn_affine(norm, x, training)]
         if not batch_norm and isinstance(norm, nn.GroupNorm) and x.shape[1] == norm.num_channels:
-            return [group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)]
+            return [group_norm_affine(x, norm.num_groups, tensor(norm, "weight"), tensor(norm, "bias"), norm.eps)]
     widths = [p.shape[1] for p in parts]
     if batch_norm:
         channels = norm.num_features
@@ -170,8 +175,9 @@ def norm_conv_parts(parts, affines, conv: nn.Conv2d, activation, residual=None):
         raise ValueError(f"conv: a split input needs groups=1, got {conv.groups}")
     # One split, not a slice per part: the slices' backward would zero-fill
     # and copy a whole weight-sized gradient for each part.
-    weights = conv.weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (conv.weight,)
+    weight, bias = tensor(conv, "weight"), tensor(conv, "bias")
+    weights = weight.split([x.shape[1] for x in parts], dim=1) if len(parts) > 1 else (weight,)
     y = residual
     for i, (x, affine, weight) in enumerate(zip(parts, affines, weights)):
-        y = affine_conv(x, affine, conv, weight, conv.bias if i == len(parts) - 1 else None, y, activation)
+        y = affine_conv(x, affine, conv, weight, bias if i == len(parts) - 1 else None, y, activation)
     return y
