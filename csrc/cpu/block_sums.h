@@ -23,6 +23,17 @@ template <int K, typename sum_t, typename Term>
 inline __attribute__((always_inline)) std::array<double, K> block_sums(int64_t begin, int64_t end,
                                                                        const Term& term) {
   std::array<double, K> total{};
+  if (end - begin <= kSumLanes) {
+    // A short plane (a dense block's 4x4 or 2x2 maps): one lane's worth,
+    // summed directly; the block's padding and lane sums would cost more
+    // than the terms.
+    for (int64_t i = begin; i < end; ++i) {
+      sum_t t[K];
+      term(i, t);
+      for (int k = 0; k < K; ++k) total[k] += static_cast<double>(t[k]);
+    }
+    return total;
+  }
   alignas(64) sum_t terms[K][kSumBlock];
   for (int64_t start = begin; start < end; start += kSumBlock) {
     const int64_t len = std::min(kSumBlock, end - start);

@@ -32,7 +32,9 @@ def parse_args(argv):
     p.add_argument("--compile-mode", default=None, help="torch.compile's mode, e.g. max-autotune (default: its own)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile of the eager module")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="rounds of interleaved calls at least")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="more rounds, until they took this long (default: %(default)s)")
     p.add_argument("--default-malloc", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is (default: keep freed memory, see the README)")
     p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
@@ -79,14 +81,14 @@ def run_case(case, args, device, dtype, channels_last, batch, peaks=None):
         if bare is not None:
             fns["conv"] = step_fn(bare.train(training), xin, training)
         try:
-            times = time_interleaved(fns, device, repeats=args.repeats)
+            times = time_interleaved(fns, device, repeats=args.repeats, min_seconds=args.min_seconds)
         except Exception as e:  # noqa: BLE001  (torch.compile can fail at first call)
             if "compile" not in fns:
                 raise
             compile_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             compiled = None
             fns.pop("compile")
-            times = time_interleaved(fns, device, repeats=args.repeats)
+            times = time_interleaved(fns, device, repeats=args.repeats, min_seconds=args.min_seconds)
         entry = {"seconds": times, "speedup_vs_eager": times["eager"]["median"] / times["resfast"]["median"]}
         if "conv" in times:
             # The limit: the unit's convolution alone, normalisation and activation for free.

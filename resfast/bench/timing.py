@@ -48,14 +48,18 @@ def _timer(device):
     return measure
 
 
-def time_interleaved(fns: dict, device, warmup=2, repeats=10, warmup_seconds=0.3):
+def time_interleaved(fns: dict, device, warmup=2, repeats=10, warmup_seconds=0.3, min_seconds=0.0,
+                     max_repeats=1000):
     """Seconds per call of each fn: {name: {"median", "q25", "q75", "runs"}}.
 
     Each fn first runs `warmup` times and for at least `warmup_seconds`
     (first calls allocate, build oneDNN primitives and fault pages in: a
     first case measured its first calls otherwise). Then each repeat runs
     every fn once in turn, so drift in machine load hits all of them alike
-    and their ratios stay meaningful."""
+    and their ratios stay meaningful: `repeats` rounds, and more (up to
+    `max_repeats`) until the rounds took `min_seconds`. On a shared 2-core
+    VM five rounds of a 20 ms model put its median 10% off the median of a
+    second's worth of rounds."""
     measure = _timer(device)
     for name, fn in fns.items():
         start, runs = time.perf_counter(), 0
@@ -65,9 +69,11 @@ def time_interleaved(fns: dict, device, warmup=2, repeats=10, warmup_seconds=0.3
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     samples = {name: [] for name in fns}
-    for _ in range(repeats):
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < max_repeats):
         for name, fn in fns.items():
             samples[name].append(measure(fn))
+        rounds += 1
     out = {}
     for name, s in samples.items():
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3

@@ -8,6 +8,7 @@ from torch import nn
 
 from resfast import ops
 from resfast.nn.batch_norm import batch_norm_args, bn_affine, sync_process_group
+from resfast.nn.members import child, tensor
 from resfast.nn.norm_conv import batch_norm_conv, norm_conv
 
 
@@ -32,10 +33,12 @@ class DenseLayer(nn.Module):
         return F.dropout(y, self.drop_rate, self.training) if self.drop_rate > 0 else y
 
     def params(self, use_batch_stats: bool) -> "ops.DenseLayerParams":
-        running = () if use_batch_stats else (self.norm1.running_mean, self.norm1.running_var,
-                                              self.norm2.running_mean, self.norm2.running_var)
-        norm1, norm2 = _affine(self.norm1, self.conv1.weight), _affine(self.norm2, self.conv2.weight)
-        return ops.DenseLayerParams(*norm1, self.conv1.weight, *norm2, self.conv2.weight, *running)
+        norm1, norm2 = child(self, "norm1"), child(self, "norm2")
+        conv1_weight, conv2_weight = tensor(child(self, "conv1"), "weight"), tensor(child(self, "conv2"), "weight")
+        running = () if use_batch_stats else (tensor(norm1, "running_mean"), tensor(norm1, "running_var"),
+                                              tensor(norm2, "running_mean"), tensor(norm2, "running_var"))
+        return ops.DenseLayerParams(*_affine(norm1, conv1_weight), conv1_weight, *_affine(norm2, conv2_weight),
+                                    conv2_weight, *running)
 
 
 def _affine(bn: nn.BatchNorm2d, like: torch.Tensor):
@@ -43,7 +46,7 @@ def _affine(bn: nn.BatchNorm2d, like: torch.Tensor):
     none (affine=False, bias=False): the dense block op takes both."""
     def vector(t, value):
         return torch.full((bn.num_features,), value, dtype=like.dtype, device=like.device) if t is None else t
-    return vector(bn.weight, 1.0), vector(bn.bias, 0.0)
+    return vector(tensor(bn, "weight"), 1.0), vector(tensor(bn, "bias"), 0.0)
 
 
 class DenseBlock(nn.Module):
@@ -62,6 +65,7 @@ class DenseBlock(nn.Module):
                             DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each layer as it stands, perhaps wrapped (a checkpoint wrapper forwards attribute reads).
         layers = list(self.children())
         norms = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
         # torch's bookkeeping per BatchNorm (counts the batch, momentum=None).
@@ -78,7 +82,7 @@ class DenseBlock(nn.Module):
         sync, group = groups.pop()
         buf, stats = ops.dense_block(
             x, [layer.params(use_batch_stats) for layer in layers], use_batch_stats,
-            [layer.norm1.eps for layer in layers], [layer.norm2.eps for layer in layers],
+            [norm.eps for norm in norms[0::2]], [norm.eps for norm in norms[1::2]],
             layers[0].drop_rate, self.training, group, sync)
         if stats is not None and self.training:
             count = stats.count
@@ -124,4 +128,5 @@ class Transition(nn.Module):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _AvgPool2x2.apply(norm_conv(x, bn_affine(self.norm, x, self.training), self.conv))
+        norm, conv = child(self, "norm"), child(self, "conv")
+        return _AvgPool2x2.apply(norm_conv(x, bn_affine(norm, x, self.training), conv))

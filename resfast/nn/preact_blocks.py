@@ -17,6 +17,7 @@ from torch import nn
 from resfast import ops
 from resfast.nn import batch_stats
 from resfast.nn.batch_norm import BATCH_NORMS, bn_affine
+from resfast.nn.members import child
 from resfast.nn.norm_conv import check_conv_module, norm_conv
 
 
@@ -92,7 +93,8 @@ class _PreActBlock(nn.Module):
         return y
 
     def _shortcut(self, x, preact):
-        return x if self.downsample is None else norm_conv(x, preact, self.downsample.conv)
+        downsample = self.downsample  # None lives in __dict__, not in _modules
+        return x if downsample is None else norm_conv(x, preact, child(downsample, "conv"))
 
     def _unit(self, x, affine, conv):
         """(conv(relu(affine(x))), its statistics in training, else None)."""
@@ -135,10 +137,10 @@ class PreActBasicBlock(_PreActBlock):
         self.drop_path_rate = drop_path_rate
 
     def _forward(self, x, x_stats, output_stats):
-        preact = bn_affine(self.norm1, x, self.training, batch_stats=x_stats)
+        preact = bn_affine(child(self, "norm1"), x, self.training, batch_stats=x_stats)
         shortcut = self._shortcut(x, preact)
-        h = self._unit(x, preact, self.conv1)
-        return self._last(h, self.norm2, self.conv2, shortcut, output_stats)
+        h = self._unit(x, preact, child(self, "conv1"))
+        return self._last(h, child(self, "norm2"), child(self, "conv2"), shortcut, output_stats)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -171,8 +173,8 @@ class PreActBottleneck(_PreActBlock):
         self.drop_path_rate = drop_path_rate
 
     def _forward(self, x, x_stats, output_stats):
-        preact = bn_affine(self.norm1, x, self.training, batch_stats=x_stats)
+        preact = bn_affine(child(self, "norm1"), x, self.training, batch_stats=x_stats)
         shortcut = self._shortcut(x, preact)
-        h = self._unit(x, preact, self.conv1)
-        h = self._inner(h, self.norm2, self.conv2)
-        return self._last(h, self.norm3, self.conv3, shortcut, output_stats)
+        h = self._unit(x, preact, child(self, "conv1"))
+        h = self._inner(h, child(self, "norm2"), child(self, "conv2"))
+        return self._last(h, child(self, "norm3"), child(self, "conv3"), shortcut, output_stats)

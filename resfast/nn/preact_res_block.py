@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from resfast import ops
+from resfast.nn.members import child, tensor
 from resfast.nn.norm_conv import check_whole_groups, join_parts, norm_affines, norm_conv_parts
 
 NORMS = {"batch": "relu", "group": "silu"}
@@ -76,17 +77,18 @@ class PreActResBlock(nn.Module):
         widths = tuple(p.shape[1] for p in parts)
         if widths != self.in_parts:
             raise ValueError(f"input: expected parts of {self.in_parts} channels, got {widths}")
-        parts = join_parts(parts, self.conv1.weight, self.norm1, self.training)  # once for both convolutions
-        preact = norm_affines(parts, self.norm1, self.training)
-        if self.downsample is None:
+        norm1, conv1, downsample = child(self, "norm1"), child(self, "conv1"), self.downsample
+        parts = join_parts(parts, tensor(conv1, "weight"), norm1, self.training)  # once for both convolutions
+        preact = norm_affines(parts, norm1, self.training)
+        if downsample is None:
             shortcut = parts[0]
         else:
-            shortcut = norm_conv_parts(parts, preact, self.downsample, self.activation)
+            shortcut = norm_conv_parts(parts, preact, downsample, self.activation)
         if self.crop:
             c = self.crop
             inner = (slice(None), slice(None)) + (slice(c, -c),) * (shortcut.dim() - 2)
             shortcut = shortcut[inner].contiguous(memory_format=ops.kernel_format(shortcut))
-        h = norm_conv_parts(parts, preact, self.conv1, self.activation)
-        return norm_conv_parts([h], norm_affines([h], self.norm2, self.training), self.conv2, self.activation,
-                               residual=shortcut)
+        h = norm_conv_parts(parts, preact, conv1, self.activation)
+        return norm_conv_parts([h], norm_affines([h], child(self, "norm2"), self.training), child(self, "conv2"),
+                               self.activation, residual=shortcut)
 
