@@ -104,6 +104,21 @@ TORCH_LIBRARY(resfast, m) {
       "batch_norm_affine(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? bn_weight, "
       "Tensor? bn_bias, bool training, float momentum, float eps, Tensor? batch_mean=None, "
       "Tensor? batch_var=None) -> (Tensor mean, Tensor scale, Tensor shift, Tensor invstd)");
+  // act((x - mean) * scale + shift) max-pooled as F.max_pool2d(kernel_size,
+  // stride, padding, dilation, ceil_mode) pools it, for 4-D x and per-channel
+  // (C,) vectors (BatchNorm's: batch_norm_affine's outputs); batch_invstd as
+  // for norm_act_conv2d. The output has x's dtype and layout; only x and the
+  // vectors are saved for backward (csrc/norm_act_max_pool.cpp).
+  m.def(
+      "norm_act_max_pool2d(Tensor x, Tensor mean, Tensor scale, Tensor shift, int[] kernel_size, int[] stride, "
+      "int[] padding, int[] dilation, bool ceil_mode, str activation, Tensor? batch_invstd=None) -> Tensor");
+  // Its gradients, recomputing the activation and the pool's choices from x:
+  // grad_scale = sum(dz * (x - mean)), grad_shift = sum(dz) and grad_x as in
+  // norm_act_conv2d_backward, with dz the gradient of act's input.
+  m.def(
+      "norm_act_max_pool2d_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode, str activation, "
+      "Tensor? batch_invstd) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
   // The fused unit with BatchNorm's or GroupNorm's arguments: batch_norm_affine
   // (or group_norm_affine), then norm_act_conv2d, composed at the autograd
   // level (CompositeImplicitAutograd): one call from Python per unit.

@@ -124,6 +124,23 @@ inline at::Tensor group_norm_act_conv2d(const at::Tensor& x, int64_t num_groups,
                padding, dilation, groups, activation);
 }
 
+inline at::Tensor norm_act_max_pool2d(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                                      const at::Tensor& shift, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                      c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
+                                      c10::string_view activation, const OptionalTensor& batch_invstd) {
+  RESFAST_CALL(norm_act_max_pool2d, x, mean, scale, shift, kernel_size, stride, padding, dilation, ceil_mode,
+               activation, batch_invstd);
+}
+
+inline Tensors3 norm_act_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                             const at::Tensor& scale, const at::Tensor& shift,
+                                             c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                             c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
+                                             c10::string_view activation, const OptionalTensor& batch_invstd) {
+  RESFAST_CALL(norm_act_max_pool2d_backward, grad_out, x, mean, scale, shift, kernel_size, stride, padding, dilation,
+               ceil_mode, activation, batch_invstd);
+}
+
 #undef RESFAST_CALL
 
 }  // namespace resfast::ops

@@ -314,8 +314,47 @@ def group_norm_act_conv2d(dtype, device):
                                  *conv3))]
 
 
+# (name, N, C, H, W, kernel, stride, padding, dilation, ceil_mode, activation, layout)
+_POOLS = [("stem-relu-nchw", 2, 5, 11, 9, 3, 2, 1, 1, False, "relu", "nchw"),
+          ("k2-ceil-relu6-cl", 2, 4, 7, 6, 2, 2, 0, 1, True, "relu6", "channels_last"),
+          ("k3-dilated-identity-slice", 1, 3, 9, 8, 3, 1, 1, 2, False, "identity", "slice"),
+          ("k3-silu-cl", 2, 4, 8, 7, 3, 2, 1, 1, True, "silu", "channels_last")]
+
+
+def _pool(case, dtype, device):
+    _, n, c, h, w, k, s, p, d, ceil, act, layout = case
+    x = _x((n, c, h, w), dtype, device, layout)
+    mean, shift = _vec(c, dtype, device), _vec(c, dtype, device)
+    scale = _vec(c, dtype, device, low=0.5) * torch.where(torch.arange(c, device=device) % 3 == 1, -1.0, 1.0)
+    pooled = torch.nn.functional.max_pool2d(x.new_empty(x.shape, device="meta"), k, s, p, d, ceil)
+    return x, mean, scale, shift, ([k, k], [s, s], [p, p], [d, d], ceil, act), pooled.shape
+
+
+def norm_act_max_pool2d(dtype, device):
+    samples = []
+    for i, case in enumerate(_POOLS):
+        x, mean, scale, shift, pool, _ = _pool(case, dtype, device)
+        samples.append(Sample(case[0], (x, mean, scale, shift, *pool), opcheck=i < 2))
+        mean, scale, invstd = _own_statistics(x, mean, scale)
+        samples.append(Sample(case[0] + "-batch-invstd", (x, mean, scale, shift, *pool, invstd), differentiable=False,
+                              opcheck=i == 0))
+    return samples
+
+
+def norm_act_max_pool2d_backward(dtype, device):
+    samples = []
+    for i, case in enumerate(_POOLS):
+        x, mean, scale, shift, pool, shape = _pool(case, dtype, device)
+        grad_out = _x(tuple(shape), dtype, device, "channels_last" if case[-1] == "channels_last" else "nchw")
+        invstd = None
+        if i % 2 == 0:
+            mean, scale, invstd = _own_statistics(x, mean, scale)
+        samples.append(Sample(case[0], (grad_out, x, mean, scale, shift, *pool, invstd), opcheck=i < 2))
+    return samples
+
+
 SAMPLES = {f.__name__: f for f in (batch_norm_act_conv2d, group_norm_act_conv2d, batch_norm_affine, channel_stats,
                                    channel_stats_backward, group_stats, group_stats_backward, group_norm,
                                    group_norm_backward, group_norm_affine,
                                    norm_act_conv2d, norm_act_conv2d_stats, norm_act_conv2d_into,
-                                   norm_act_conv2d_backward)}
+                                   norm_act_conv2d_backward, norm_act_max_pool2d, norm_act_max_pool2d_backward)}

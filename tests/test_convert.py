@@ -164,14 +164,17 @@ def test_rules_are_extensible():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torchvision_densenet121(training):
     """Dense blocks and transitions become resfast's, holding the same
-    modules: same state-dict keys, same outputs and gradients."""
+    modules, and the stem's BatchNorm → ReLU → max pool is fused: same
+    state-dict keys, same outputs and gradients."""
     import torchvision
 
     torch.manual_seed(0)
     ref = randomize(torchvision.models.densenet121(num_classes=10)).double()
     model, report = resfast.convert(ref)
-    assert [r.replacement for r in report.replaced] == ["DenseBlock", "Transition"] * 3 + ["DenseBlock"]
-    assert report.replaced[0].name == "features.denseblock1"
+    assert [r.replacement for r in report.replaced] == ["fused unit"] + ["DenseBlock", "Transition"] * 3 + \
+        ["DenseBlock"]
+    assert report.replaced[0].original == "norm0 → relu0 → pool0"  # the stem, in features' forward
+    assert report.replaced[1].name == "features.denseblock1"
     assert model.state_dict().keys() == ref.state_dict().keys()
     assert type(model.features.denseblock2).__module__.startswith("resfast")
     # 121 layers of batch-2 BatchNorm amplify float64 rounding to ~1e-9.

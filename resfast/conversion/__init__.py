@@ -9,9 +9,9 @@ Two mechanisms, tried on every module from the outermost in:
 2. chain fusion (resfast.conversion.chains): the module's forward is traced
    with torch.fx and every chain in it (a BatchNorm2d or 3d / SyncBatchNorm /
    GroupNorm / timm BatchNormAct2d / GroupNormAct, then at most one ReLU,
-   ReLU6 or SiLU, then a Conv2d, Conv3d or timm StdConv2d) whose normalised
-   activation feeds only that convolution is fused, in a forward generated
-   from the trace.
+   ReLU6 or SiLU, then a Conv2d, Conv3d or timm StdConv2d, or a 2-D
+   BatchNorm's then an nn.MaxPool2d) whose normalised activation feeds only
+   that convolution (or pool) is fused, in a forward generated from the trace.
 Modules whose forward cannot be traced are left as they are, and reported.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from resfast.conversion.chains import FusedForward, default_signature, is_layer, is_plain_sequential, plan_for
 from resfast.conversion.rules import RULES, Replacement, Rule
-from resfast.conversion.units import Unsupported, conv_kind, norm_kind
+from resfast.conversion.units import Unsupported, conv_kind, norm_kind, pool_kind
 
 __all__ = ["RULES", "Replaced", "Replacement", "Report", "Rule", "Skipped", "Unsupported", "convert",
            "register_rule"]
@@ -124,7 +124,8 @@ def _recognised(m, kind):
 
 
 def _may_hold_chain(module):
-    """Whether module holds (directly or in what its trace follows into) both a normalisation and a convolution."""
+    """Whether module holds (directly or in what its trace follows into) both a
+    normalisation and a convolution or max pool."""
     found = set()
 
     def scan(m):
@@ -133,11 +134,11 @@ def _may_hold_chain(module):
                 scan(child)
             elif _recognised(child, norm_kind):
                 found.add("norm")
-            elif _recognised(child, conv_kind):
-                found.add("conv")
+            elif _recognised(child, conv_kind) or _recognised(child, pool_kind):
+                found.add("end")
 
     scan(module)
-    return found == {"norm", "conv"}
+    return found == {"norm", "end"}
 
 
 def _fuse_chains(module, name, report, fused) -> set:
@@ -164,7 +165,7 @@ def _fuse_chains(module, name, report, fused) -> set:
     if plan.chains:
         for chain in plan.chains:
             report.replaced.append(Replaced(name, " → ".join(chain.parts), "fused unit", 1))
-            fused.update(id(module.get_submodule(path)) for path in (chain.norm, chain.conv))
+            fused.update(id(module.get_submodule(path)) for path in (chain.norm, chain.end))
         forward = FusedForward(module)
         forward.add_plan(signature, scope, plan, torch.is_grad_enabled())
         module.forward = forward

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from resfast.conversion.units import Unsupported, activation_call_kind, activation_module_kind, conv_kind, \
-    is_pass_through, norm_act_conv, norm_kind, rank_mismatch
+    is_pass_through, norm_act_conv, norm_act_max_pool, norm_kind, pool_kind, pool_mismatch, rank_mismatch
 
 
 def is_plain_sequential(m: nn.Module) -> bool:
@@ -45,7 +45,7 @@ def is_plain_sequential(m: nn.Module) -> bool:
 
 def _is_part(m: nn.Module) -> bool:
     """A module the chains are made of, or one that may end up inside them."""
-    for kind in (norm_kind, conv_kind, activation_module_kind, is_pass_through):
+    for kind in (norm_kind, conv_kind, pool_kind, activation_module_kind, is_pass_through):
         try:
             if kind(m):
                 return True
@@ -61,10 +61,14 @@ def is_layer(m: nn.Module) -> bool:
     Followed into like a Sequential, so a chain may start in one such layer
     and end in the next; a chain wholly inside one is fused in its own
     forward (see plan_for). Modules holding other custom modules stay single
-    calls."""
+    calls, and so do resfast's own (fused already: a trace would run their
+    Python, BatchNorm bookkeeping included)."""
     children = list(m.children())
-    return bool(children) and not _is_part(m) and not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and all(
-        _is_part(c) or (type(c).__module__.startswith("torch.nn.") and not list(c.children())) for c in children)
+    if not children or _is_part(m) or isinstance(m, (nn.ModuleList, nn.ModuleDict)) or \
+            type(m).__module__.split(".")[0] == "resfast":
+        return False
+    return all(_is_part(c) or (type(c).__module__.startswith("torch.nn.") and not list(c.children()))
+               for c in children)
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -162,18 +166,20 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class Chain:
-    """norm → (act) → conv in a trace; paths relative to the traced module."""
+    """norm → (act) → conv, or BatchNorm → (act) → max pool, in a trace;
+    paths relative to the traced module."""
 
-    nodes: list  # the chain's graph nodes, norm first, conv last
+    nodes: list  # the chain's graph nodes, norm first, conv (or pool) last
     activation: str
     parts: list  # the chain's module paths, or function names
+    fuse: callable = norm_act_conv  # the fused unit: fuse(x, norm, last module, activation)
 
     @property
     def norm(self):
         return self.nodes[0].target[2:]  # strip the scope's "m."
 
     @property
-    def conv(self):
+    def end(self):
         return self.nodes[-1].target[2:]
 
 
@@ -247,6 +253,18 @@ def _chain_from(norm_node, scope):
                 if reasons:
                     return parts, reasons[0]
                 return Chain(nodes, activation or "identity", parts)
+            pool = kind_of(pool_kind, m)
+            if pool is not None:
+                if len(user.args) != 1 or user.kwargs:
+                    return None
+                mismatch = pool_mismatch(scope.get_submodule(norm_node.target)) if pool != "unsupported" else None
+                if mismatch:
+                    reasons.append(mismatch)
+                nodes.append(user)
+                parts = [_describe(n) for n in nodes]
+                if reasons:
+                    return parts, reasons[0]
+                return Chain(nodes, activation or "identity", parts, norm_act_max_pool)
             if kind_of(is_pass_through, m) in (True, "unsupported"):
                 nodes.append(user)
                 continue
@@ -348,7 +366,7 @@ def plan_for(module, args_spec, kwargs_spec, count):
             scope, plan = retry
     if plan.error is not None or not plan.chains:
         return scope, plan
-    ends = [(c.norm, c.conv) for c in plan.chains]
+    ends = [(c.norm, c.end) for c in plan.chains]
     containers = sorted({_container(*e) for e in ends} - {""}, key=len)
     leaves = []
     for c in containers:
@@ -363,19 +381,19 @@ def plan_for(module, args_spec, kwargs_spec, count):
 
 
 def fused_graph(plan: Plan) -> fx.Graph:
-    """plan's graph with each chain replaced by one norm_act_conv call that
-    reads the modules where they are."""
+    """plan's graph with each chain replaced by one call of its fused unit
+    that reads the modules where they are."""
     graph = plan.graph
     for chain in plan.chains:
-        norm_node, conv_node = chain.nodes[0], chain.nodes[-1]
+        norm_node, end_node = chain.nodes[0], chain.nodes[-1]
         # At the norm's place: what runs between the norm and the conv (an
         # in-place op on the norm's input, another call of a shared norm)
         # keeps its order relative to the normalisation.
         with graph.inserting_before(norm_node.next):
             norm = graph.get_attr(norm_node.target)
-            conv = graph.get_attr(conv_node.target)
-            fused = graph.call_function(norm_act_conv, (norm_node.args[0], norm, conv, chain.activation))
-        conv_node.replace_all_uses_with(fused)
+            end = graph.get_attr(end_node.target)
+            fused = graph.call_function(chain.fuse, (norm_node.args[0], norm, end, chain.activation))
+        end_node.replace_all_uses_with(fused)
         for node in reversed(chain.nodes):
             graph.erase_node(node)
     graph.lint()

@@ -1,5 +1,6 @@
-"""The parts of a norm → activation → conv chain that resfast.convert fuses,
-recognised by type, and the fused unit they become: one function that reads
+"""The parts of a norm → activation → conv (or BatchNorm → activation → max
+pool) chain that resfast.convert fuses, recognised by type, and the fused
+unit they become: one function that reads
 the modules' parameters and buffers where they are, at each call, so the
 model keeps its modules, names and state dict.
 
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d, direct
+from resfast.activations import activate
+from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d, bn_affine, direct
 from resfast.nn.group_norm import GroupNorm
 from resfast.nn.norm_conv import affine_conv, batch_norm_conv, conv_arguments, group_norm_affine
-from resfast.ops import conv_padding
+from resfast.ops import conv_padding, norm_act_max_pool2d
 
 
 class Unsupported(Exception):
@@ -121,6 +123,24 @@ def conv_kind(m: nn.Module):
     return None
 
 
+# ------------------------------------------------------------- pools
+def pool_kind(m: nn.Module):
+    """'max' for an nn.MaxPool2d the fused op computes; Unsupported for one
+    it cannot (indices returned); None for anything else."""
+    if type(m) is not nn.MaxPool2d:
+        return None
+    if m.return_indices:
+        raise Unsupported("MaxPool2d(return_indices=True)")
+    return "max"
+
+
+def pool_mismatch(norm: nn.Module):
+    """Why a normalisation cannot be fused with the max pool after it, or None."""
+    if norm_kind(norm)[0] != "batch" or isinstance(norm, nn.BatchNorm3d):
+        return f"{type(norm).__name__} before a max pool (resfast fuses a 2-D BatchNorm there)"
+    return None
+
+
 def rank_mismatch(norm: nn.Module, conv: nn.Module):
     """Why a BatchNorm of one rank cannot be fused with a convolution of
     another (nn.BatchNorm2d would reject the 5-D input an nn.Conv3d takes), or
@@ -156,3 +176,13 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, conv: nn.Conv2d, activation:
                                                        conv.bias, None, *conv_arguments(conv), activation)
     affine = group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return affine_conv(x, affine, conv, weight, conv.bias, None, activation)
+
+
+def norm_act_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.MaxPool2d, activation: str) -> torch.Tensor:
+    """pool(act(norm(x))) as one resfast op (only x and the per-channel
+    vectors saved), with the modules' own parameters, buffers and modes."""
+    if x.numel() == 0:  # nothing to fuse: eager torch defines what an empty batch returns
+        return pool(activate(norm(x), activation))
+    affine = bn_affine(norm, x, norm.training)
+    return norm_act_max_pool2d(x, affine, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                               activation)

@@ -26,6 +26,7 @@ from resfast.ops.norm_act_conv import (  # noqa: E402
     norm_act_conv2d_into,
     norm_act_conv2d_stats,
 )
+from resfast.ops.norm_act_pool import norm_act_max_pool2d  # noqa: E402
 from resfast.ops.statistics import channel_stats  # noqa: E402
 
 registry.finalize()
@@ -34,5 +35,5 @@ __all__ = ["BACKENDS", "DenseBlockStats", "DenseLayerParams", "NormAffine", "aff
            "backend", "batch_norm_act_conv2d", "batch_norm_affine", "channel_stats", "conv_choices", "conv_impl",
            "conv_padding", "cpu_isa",
            "dense_block", "drop_path", "group_norm", "group_norm_affine", "hardware_isa", "kernel_format",
-           "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats", "sync_batch_norm_affine",
-           "sync_world_size", "update_running_stats", "use_cpu_isa"]
+           "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats", "norm_act_max_pool2d",
+           "sync_batch_norm_affine", "sync_world_size", "update_running_stats", "use_cpu_isa"]
