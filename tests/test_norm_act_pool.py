@@ -170,3 +170,36 @@ def test_bad_input_raises_clearly():
                                               [1, 1], False, "relu", None)
     with pytest.raises(RuntimeError):  # a kernel larger than the padded input: ATen's own shape check
         resfast.ops.norm_act_max_pool2d(torch.randn(1, 4, 2, 2), affine, 5, 1, 0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_convert_fuses_the_stem_and_reports_what_it_cannot(training):
+    from utils import compare_models, randomize
+
+    torch.manual_seed(0)
+    stem = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                   nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 4, 1))).double()
+    converted, report = resfast.convert(stem)
+    assert report.units == 1 and report.replaced[0].original == "1 → 2 → 3", str(report)
+    compare_models(converted, stem, torch.randn(2, 3, 13, 11, dtype=torch.float64), training, dtype=torch.float64)
+    for middle, reason in ((nn.GroupNorm(2, 8), "GroupNorm before a max pool"),
+                           (nn.BatchNorm2d(8), "return_indices")):
+        pool = nn.MaxPool2d(2, return_indices=isinstance(middle, nn.BatchNorm2d))
+        _, report = resfast.convert(nn.Sequential(nn.Conv2d(3, 8, 3), middle, nn.ReLU(), pool))
+        assert report.units == 0 and reason in report.skipped[0].reason, str(report)
+
+
+def test_max_pool2d_is_max_pool():
+    """resfast.ops.max_pool2d (the models' pools): F.max_pool2d's values and
+    gradients, ties included, saving only its input."""
+    torch.manual_seed(0)
+    for fmt, ceil in itertools.product((torch.contiguous_format, CL), (False, True)):
+        x = torch.randint(-3, 4, (2, 3, 9, 7), dtype=torch.float64).contiguous(memory_format=fmt)
+        x = x.requires_grad_()
+        grad = torch.randn(F.max_pool2d(x, 2, ceil_mode=ceil).shape, dtype=torch.float64)
+        ours = resfast.ops.max_pool2d(x, 2, ceil_mode=ceil)
+        eager = F.max_pool2d(x, 2, ceil_mode=ceil)
+        assert torch.equal(ours, eager) and ours.is_contiguous(memory_format=fmt)
+        assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, eager)))
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    assert _saved_bytes(lambda: resfast.ops.max_pool2d(x, 2)) <= x.numel() * 4 + 3 * 8 * 4

@@ -40,58 +40,146 @@ Geometry geometry(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArr
   return g;
 }
 
-// One output row of the pool: each window's maximum (minimum with Min) and,
-// with Where, its position in the plane, chosen as ATen's max pool chooses:
-// the first extreme in row-major scan order (NaN wins). Separable: the
-// window's rows are reduced column by column first (contiguous, vectorised),
-// then each window's columns. col/col_row: scratch of the plane's width.
+// Per-thread scratch of pool_row: the column extremes of one output row's
+// window rows, padded on both sides to every window's reach (so the column
+// pass needs no bounds checks), their rows, and the row's results.
+template <typename scalar_t>
+struct RowScratch {
+  explicit RowScratch(const Geometry& g)
+      : width(g.pw + std::max(g.width, (g.out_width - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pw)),
+        phase_width((width + g.sw - 1) / g.sw),
+        col(width),
+        col_row(width, std::numeric_limits<int32_t>::max()),  // padding: after every real row
+        phases(g.sw > 1 ? g.sw * phase_width : 0),
+        phase_rows(g.sw > 1 ? g.sw * phase_width : 0),
+        values(g.out_width),
+        best_row(g.out_width),
+        best_col(g.out_width) {}
+  int64_t width, phase_width;
+  std::vector<scalar_t> col;
+  std::vector<int32_t> col_row;
+  // With a stride s > 1, col split by position modulo s, so that each
+  // window tap reads a contiguous run (no gathers, which baseline x86-64 lacks).
+  std::vector<scalar_t> phases;
+  std::vector<int32_t> phase_rows;
+  std::vector<scalar_t> values;
+  std::vector<int32_t> best_row, best_col;
+};
+
+// One output row of the pool: each window's maximum (minimum with Min) into
+// scratch.values and, with Where, its position in the plane into where,
+// chosen as ATen's max pool chooses: the first extreme in row-major scan
+// order (NaN wins). Separable: the window's rows are reduced column by
+// column (contiguous), then each window's columns; both loops vectorise.
 template <bool Min, bool Where, typename scalar_t>
-void pool_row(const scalar_t* plane, const Geometry& g, int64_t oh, scalar_t* col, int32_t* col_row,
-              scalar_t* values, int64_t* where) {
-  const auto better = [](scalar_t v, scalar_t best) { return (Min ? v < best : v > best) || v != v; };
+void pool_row(const scalar_t* plane, const Geometry& g, int64_t oh, RowScratch<scalar_t>& scratch, int64_t* where) {
+  // Bitwise, not short-circuit: branch-free selects, which vectorise (random
+  // data mispredicts every other branch).
+  const auto better = [](scalar_t v, scalar_t best) { return (Min ? v < best : v > best) | (v != v); };
   const int64_t width = g.width;
+  scalar_t* col = scratch.col.data();
+  int32_t* col_row = scratch.col_row.data();
+  // Padding loses to every value, and to an equal one by its row.
+  const scalar_t pad = Min ? std::numeric_limits<scalar_t>::infinity() : -std::numeric_limits<scalar_t>::infinity();
+  std::fill(col, col + g.pw, pad);
+  std::fill(col + g.pw + width, col + scratch.width, pad);
+  scalar_t* inner = col + g.pw;
+  int32_t* inner_row = col_row + g.pw;
   bool first = true;
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t h = oh * g.sh - g.ph + i * g.dh;
     if (h < 0 || h >= g.height) continue;
     const scalar_t* row = plane + h * width;
     if (first) {
-      std::copy(row, row + width, col);
-      if constexpr (Where) std::fill(col_row, col_row + width, static_cast<int32_t>(h));
+      std::copy(row, row + width, inner);
+      if constexpr (Where) std::fill(inner_row, inner_row + width, static_cast<int32_t>(h));
       first = false;
       continue;
     }
+    const int32_t row_index = static_cast<int32_t>(h);
 #pragma omp simd
     for (int64_t w = 0; w < width; ++w) {
-      const bool take = better(row[w], col[w]);
-      col[w] = take ? row[w] : col[w];
-      if constexpr (Where) col_row[w] = take ? static_cast<int32_t>(h) : col_row[w];
-    }
-  }
-  for (int64_t ow = 0; ow < g.out_width; ++ow) {
-    const int64_t w0 = ow * g.sw - g.pw;
-    int64_t best_w = -1;
-    scalar_t best = 0;
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t w = w0 + j * g.dw;
-      if (w < 0 || w >= width) continue;
-      // Ties go to the earlier row (columns come in order): row-major first.
-      if (best_w < 0 || better(col[w], best) ||
-          (Where && col[w] == best && col_row[w] < col_row[best_w])) {
-        best = col[w];
-        best_w = w;
+      const scalar_t v = row[w], current = inner[w];
+      const int32_t take = -static_cast<int32_t>(better(v, current));
+      inner[w] = take ? v : current;
+      if constexpr (Where) {
+        const int32_t best = inner_row[w];
+        inner_row[w] = (row_index & take) | (best & ~take);
       }
     }
-    values[ow] = best;
-    if constexpr (Where) where[ow] = col_row[best_w] * width + best_w;
+  }
+  const int64_t out_width = g.out_width, sw = g.sw;
+  const scalar_t* phase = col;
+  const int32_t* phase_row = col_row;
+  if (sw > 1) {
+    scalar_t* split = scratch.phases.data();
+    int32_t* split_row = scratch.phase_rows.data();
+    for (int64_t r = 0; r < sw; ++r) {
+      const int64_t count = (scratch.width - r + sw - 1) / sw;
+      scalar_t* dst = split + r * scratch.phase_width;
+      for (int64_t k = 0; k < count; ++k) dst[k] = col[k * sw + r];
+      if constexpr (Where) {
+        int32_t* dst_row = split_row + r * scratch.phase_width;
+        for (int64_t k = 0; k < count; ++k) dst_row[k] = col_row[k * sw + r];
+      }
+    }
+    phase = split;
+    phase_row = split_row;
+  }
+  scalar_t* values = scratch.values.data();
+  int32_t *best_row = scratch.best_row.data(), *best_col = scratch.best_col.data();
+  for (int64_t j = 0; j < g.kw; ++j) {
+    // Tap j of window ow is col[ow * sw + j * dw]: phase (j * dw) % sw, position ow + (j * dw) / sw.
+    const int64_t offset = j * g.dw;
+    const scalar_t* v_at = phase + (offset % sw) * scratch.phase_width + offset / sw;
+    const int32_t* row_at = phase_row + (offset % sw) * scratch.phase_width + offset / sw;
+    if (j == 0) {
+      std::copy(v_at, v_at + out_width, values);
+      if constexpr (Where) {
+        std::copy(row_at, row_at + out_width, best_row);
+        std::fill(best_col, best_col + out_width, 0);
+      }
+      continue;
+    }
+    // Selects by an all-ones mask and loads into locals: GCC vectorises these
+    // (conditional assignments it took for control flow).
+    const int32_t col_index = static_cast<int32_t>(j);
+#pragma omp simd
+    for (int64_t ow = 0; ow < out_width; ++ow) {
+      const scalar_t v = v_at[ow], current = values[ow];
+      const int32_t take = -static_cast<int32_t>(better(v, current));
+      values[ow] = take ? v : current;
+      if constexpr (Where) {
+        const int32_t row = best_row[ow], column = best_col[ow];
+        best_row[ow] = (row_at[ow] & take) | (row & ~take);
+        best_col[ow] = (col_index & take) | (column & ~take);
+      }
+    }
+    if constexpr (Where) {
+      // Columns come in order: an equal value wins only from an earlier row.
+#pragma omp simd
+      for (int64_t ow = 0; ow < out_width; ++ow) {
+        const int32_t row = best_row[ow], column = best_col[ow];
+        const int32_t take = -static_cast<int32_t>(v_at[ow] == values[ow]) & -static_cast<int32_t>(row_at[ow] < row);
+        best_row[ow] = (row_at[ow] & take) | (row & ~take);
+        best_col[ow] = (col_index & take) | (column & ~take);
+      }
+    }
+  }
+  if constexpr (Where) {
+    for (int64_t ow = 0; ow < out_width; ++ow) {
+      where[ow] = int64_t(best_row[ow]) * width + ow * sw + best_col[ow] * g.dw - g.pw;
+    }
   }
 }
 
-// f(plane index, channel, whether the channel's scale is negative) over the N * C planes, in parallel.
-template <typename F>
-void for_each_plane(int64_t n, int64_t c, const std::vector<double>& scale, const F& f) {
+// f(plane index, channel, whether the channel's scale is negative, scratch)
+// over the N * C planes, in parallel.
+template <typename scalar_t, typename F>
+void for_each_plane(int64_t n, int64_t c, const std::vector<double>& scale, const Geometry& g, const F& f) {
   at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) f(p, p % c, scale[p % c] < 0);
+    RowScratch<scalar_t> scratch(g);
+    for (int64_t p = begin; p < end; ++p) f(p, p % c, scale[p % c] < 0, scratch);
   });
 }
 
@@ -125,17 +213,17 @@ at::Tensor norm_act_max_pool2d(const at::Tensor& x, const at::Tensor& mean, cons
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     dispatch_activation(parse_activation(activation), [&](auto act) {
       constexpr Activation A = decltype(act)::value;
-      for_each_plane(n, c, scale_d, [&](int64_t p, int64_t ch, bool negative) {
+      for_each_plane<scalar_t>(n, c, scale_d, g, [&](int64_t p, int64_t ch, bool negative, auto& scratch) {
         const scalar_t* plane = in + p * g.height * g.width;
-        std::vector<scalar_t> col(g.width);
+        const scalar_t* values = scratch.values.data();
         for (int64_t oh = 0; oh < g.out_height; ++oh) {
           scalar_t* dst = o + (p * g.out_height + oh) * g.out_width;
           if (negative) {
-            pool_row<true, false>(plane, g, oh, col.data(), nullptr, dst, nullptr);
+            pool_row<true, false>(plane, g, oh, scratch, nullptr);
           } else {
-            pool_row<false, false>(plane, g, oh, col.data(), nullptr, dst, nullptr);
+            pool_row<false, false>(plane, g, oh, scratch, nullptr);
           }
-          for (int64_t ow = 0; ow < g.out_width; ++ow) dst[ow] = activate<A>(normalize(dst[ow], m[ch], s[ch], b[ch]));
+          for (int64_t ow = 0; ow < g.out_width; ++ow) dst[ow] = activate<A>(normalize(values[ow], m[ch], s[ch], b[ch]));
         }
       });
     });
@@ -165,27 +253,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_max_pool2d_backward(
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor grad_scale = at::empty({c}, mean.options()), grad_shift = at::empty({c}, mean.options());
   const std::vector<double> scale_d = as_doubles(scale);
-  // Per output: the gradient of act's input, and where in x it goes.
-  std::vector<int64_t> source(planes * positions);
+  // Per output: the gradient of act's input, and where in x it goes (uninitialised: every element is written).
+  const at::Tensor source_t = at::empty({planes * positions}, x.options().dtype(at::kLong));
+  const at::Tensor dz_t = at::empty({planes * positions}, x.options());
+  int64_t* source = source_t.mutable_data_ptr<int64_t>();
   std::vector<double> plane_sum(planes), plane_centred_sum(planes);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_act_max_pool2d_backward", [&] {
-    std::vector<scalar_t> dz(planes * positions);
+    scalar_t* dz = dz_t.mutable_data_ptr<scalar_t>();
     const scalar_t *in = x.const_data_ptr<scalar_t>(), *m = mean.const_data_ptr<scalar_t>(),
                    *s = scale.const_data_ptr<scalar_t>(), *b = shift.const_data_ptr<scalar_t>(),
                    *go = grad.const_data_ptr<scalar_t>();
     dispatch_activation(parse_activation(activation), [&](auto act) {
       constexpr Activation A = decltype(act)::value;
-      for_each_plane(n, c, scale_d, [&](int64_t p, int64_t ch, bool negative) {
+      for_each_plane<scalar_t>(n, c, scale_d, g, [&](int64_t p, int64_t ch, bool negative, auto& scratch) {
         const scalar_t* plane = in + p * g.height * g.width;
-        std::vector<scalar_t> col(g.width), values(g.out_width);
-        std::vector<int32_t> col_row(g.width);
+        const scalar_t* values = scratch.values.data();
         double sum = 0, centred_sum = 0;
         for (int64_t oh = 0; oh < g.out_height; ++oh) {
           const int64_t o0 = p * positions + oh * g.out_width;
           if (negative) {
-            pool_row<true, true>(plane, g, oh, col.data(), col_row.data(), values.data(), source.data() + o0);
+            pool_row<true, true>(plane, g, oh, scratch, source + o0);
           } else {
-            pool_row<false, true>(plane, g, oh, col.data(), col_row.data(), values.data(), source.data() + o0);
+            pool_row<false, true>(plane, g, oh, scratch, source + o0);
           }
           for (int64_t ow = 0; ow < g.out_width; ++ow) {
             const scalar_t centred = values[ow] - m[ch];

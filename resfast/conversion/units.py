@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resfast.activations import activate
-from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d, bn_affine, direct
+from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, SyncBatchNorm2d, SyncBatchNorm3d, direct
 from resfast.nn.group_norm import GroupNorm
-from resfast.nn.norm_conv import affine_conv, batch_norm_conv, conv_arguments, group_norm_affine
-from resfast.ops import conv_padding, norm_act_max_pool2d
+from resfast.nn.norm_conv import affine_conv, batch_norm_conv, batch_norm_max_pool, conv_arguments, \
+    group_norm_affine
+from resfast.ops import conv_padding
 
 
 class Unsupported(Exception):
@@ -135,8 +135,9 @@ def pool_kind(m: nn.Module):
 
 
 def pool_mismatch(norm: nn.Module):
-    """Why a normalisation cannot be fused with the max pool after it, or None."""
-    if norm_kind(norm)[0] != "batch" or isinstance(norm, nn.BatchNorm3d):
+    """Why a normalisation (one norm_kind accepts) cannot be fused with the
+    max pool after it, or None."""
+    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):  # timm's BatchNormAct2d is an nn.BatchNorm2d
         return f"{type(norm).__name__} before a max pool (resfast fuses a 2-D BatchNorm there)"
     return None
 
@@ -178,11 +179,7 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, conv: nn.Conv2d, activation:
     return affine_conv(x, affine, conv, weight, conv.bias, None, activation)
 
 
+
 def norm_act_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.MaxPool2d, activation: str) -> torch.Tensor:
-    """pool(act(norm(x))) as one resfast op (only x and the per-channel
-    vectors saved), with the modules' own parameters, buffers and modes."""
-    if x.numel() == 0:  # nothing to fuse: eager torch defines what an empty batch returns
-        return pool(activate(norm(x), activation))
-    affine = bn_affine(norm, x, norm.training)
-    return norm_act_max_pool2d(x, affine, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
-                               activation)
+    """pool(act(norm(x))) as one resfast op: what a converted model's forward calls in place of the chain."""
+    return batch_norm_max_pool(norm, pool, x, activation)

@@ -10,6 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast.nn.dense import DenseBlock, Transition
+from resfast.nn.norm_conv import batch_norm_max_pool
+
+
+class Features(nn.Sequential):
+    """torchvision's `features` Sequential (conv0, norm0, relu0, pool0, the
+    dense blocks and transitions, norm5), with the stem's norm0 → relu0 →
+    pool0 applied as one op that saves only its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = iter(self._modules.values())
+        x = next(modules)(x)
+        norm, _, pool = next(modules), next(modules), next(modules)
+        x = batch_norm_max_pool(norm, pool, x, "relu")
+        for module in modules:
+            x = module(x)
+        return x
 
 
 class DenseNet(nn.Module):
@@ -20,7 +36,7 @@ class DenseNet(nn.Module):
     def __init__(self, growth_rate: int = 32, block_config=(6, 12, 24, 16), num_init_features: int = 64,
                  bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000):
         super().__init__()
-        self.features = nn.Sequential(OrderedDict([
+        self.features = Features(OrderedDict([
             ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
             ("norm0", nn.BatchNorm2d(num_init_features)),
             ("relu0", nn.ReLU(inplace=True)),

@@ -16,6 +16,10 @@ from torch import nn
 from resfast.nn import BNReLUConv2d, PreActBottleneck
 from resfast.nn.batch_norm import bn_affine
 from resfast.nn.norm_conv import norm_conv
+from resfast.ops import max_pool2d
+
+# A leaf of torch.fx traces (feature extraction): its dispatch reads tensor properties.
+torch.fx.wrap("max_pool2d")
 
 
 def residual(in_chs, out_chs, stride=1):
@@ -40,7 +44,7 @@ class Stem(nn.Module):
 
     def forward(self, x):
         x = self.res1(self.conv(x))
-        x = F.max_pool2d(x, 2, ceil_mode=True)
+        x = max_pool2d(x, 2, ceil_mode=True)
         return self.res3(self.res2(x))
 
 
@@ -62,7 +66,7 @@ class Hourglass(nn.Module):
         self.skip[-1].hand_off_stats = self.up[-1].hand_off_stats = False
 
     def forward(self, x):
-        low = self.up(self.inner(self.down(F.max_pool2d(x, 2, ceil_mode=True))))
+        low = self.up(self.inner(self.down(max_pool2d(x, 2, ceil_mode=True))))
         return self.skip(x) + F.interpolate(low, size=x.shape[-2:], mode="nearest")
 
 

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast.nn import PreActBasicBlock, PreActBottleneck
+from resfast.ops import max_pool2d
+
+# A leaf of torch.fx traces (feature extraction): its dispatch reads tensor properties.
+torch.fx.wrap("max_pool2d")
 
 
 class Stem(nn.Module):
@@ -23,7 +27,8 @@ class Stem(nn.Module):
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
     def forward(self, x):
-        return self.pool(self.conv(x))
+        p = self.pool  # resfast's max pool: only its input saved
+        return max_pool2d(self.conv(x), p.kernel_size, p.stride, p.padding, p.dilation, p.ceil_mode)
 
 
 class Stage(nn.Module):

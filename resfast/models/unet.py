@@ -23,9 +23,11 @@ from torch import nn
 from resfast.nn import PreActResBlock
 from resfast.nn.norm_conv import norm_affines, norm_conv_parts
 from resfast.nn.preact_res_block import CONVS, NORMS, check_spatial_dims, make_norm
+from resfast.ops import max_pool2d
 
 _TRANSPOSED_CONVS = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_MAX_POOLS = {2: F.max_pool2d, 3: F.max_pool3d}
+# A leaf of torch.fx traces (feature extraction): its dispatch reads tensor properties.
+torch.fx.wrap("max_pool2d")
 
 
 class Upsample(nn.Module):
@@ -135,7 +137,7 @@ class UNet(nn.Module):
         skips = []
         for i, block in enumerate(self.encoder):
             if i:
-                x = _MAX_POOLS[self.spatial_dims](x, 2)
+                x = max_pool2d(x, 2) if self.spatial_dims == 2 else F.max_pool3d(x, 2)
             x = block(x)
             skips.append(x)
         skips.pop()

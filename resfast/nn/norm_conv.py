@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from resfast import ops
+from resfast.activations import activate
 from resfast.nn.batch_norm import BATCH_NORMS, BATCH_NORMS_3D, batch_norm_affine, batch_norm_args, bn_affine, \
     direct, sync_process_group
 from resfast.nn.members import tensor
@@ -79,6 +80,16 @@ def batch_norm_conv(bn: nn.Module, conv: nn.Conv2d, x: torch.Tensor, training: b
                                      conv_bias, conv.stride, ops.conv_padding(conv.padding, conv.kernel_size,
                                                                               conv.dilation),
                                      conv.dilation, conv.groups, activation, residual, batch_stats)
+
+
+def batch_norm_max_pool(bn: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor, activation="relu") -> torch.Tensor:
+    """pool(act(bn(x))) as one op with the modules' parameters, buffers and
+    modes (a ResNet's or DenseNet's stem): only x and the per-channel vectors
+    are saved for backward."""
+    if x.numel() == 0:  # nothing to fuse: eager torch defines what an empty batch returns
+        return pool(activate(bn(x), activation))
+    return ops.norm_act_max_pool2d(x, bn_affine(bn, x, bn.training), pool.kernel_size, pool.stride, pool.padding,
+                                   pool.dilation, pool.ceil_mode, activation)
 
 
 def norm_affines(parts, norm: nn.Module, training: bool) -> list:

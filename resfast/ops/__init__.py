@@ -26,7 +26,7 @@ from resfast.ops.norm_act_conv import (  # noqa: E402
     norm_act_conv2d_into,
     norm_act_conv2d_stats,
 )
-from resfast.ops.norm_act_pool import norm_act_max_pool2d  # noqa: E402
+from resfast.ops.norm_act_pool import max_pool2d, norm_act_max_pool2d  # noqa: E402
 from resfast.ops.statistics import channel_stats  # noqa: E402
 
 registry.finalize()
@@ -34,6 +34,6 @@ registry.finalize()
 __all__ = ["BACKENDS", "DenseBlockStats", "DenseLayerParams", "NormAffine", "affine_act_conv2d", "available_cpu_isas",
            "backend", "batch_norm_act_conv2d", "batch_norm_affine", "channel_stats", "conv_choices", "conv_impl",
            "conv_padding", "cpu_isa",
-           "dense_block", "drop_path", "group_norm", "group_norm_affine", "hardware_isa", "kernel_format",
+           "dense_block", "drop_path", "group_norm", "group_norm_affine", "hardware_isa", "kernel_format", "max_pool2d",
            "norm_act_conv2d", "norm_act_conv2d_into", "norm_act_conv2d_stats", "norm_act_max_pool2d",
            "sync_batch_norm_affine", "sync_world_size", "update_running_stats", "use_cpu_isa"]

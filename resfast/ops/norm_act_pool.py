@@ -3,6 +3,7 @@ as one op that saves only x and the per-channel vectors
 (csrc/norm_act_max_pool.cpp: the kernels, in ATen ops for every device)."""
 
 import torch
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from resfast.activations import check_activation
@@ -41,3 +42,19 @@ def norm_act_max_pool2d(x: torch.Tensor, affine: NormAffine, kernel_size, stride
     args = max_pool_args(kernel_size, stride, padding, dilation)
     return torch.ops.resfast.norm_act_max_pool2d(x, affine.mean, affine.scale, affine.shift, *args, bool(ceil_mode),
                                                  activation, affine.batch_invstd)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> torch.Tensor:
+    """F.max_pool2d(x, ...) as norm_act_max_pool2d with the identity
+    normalisation (exact), wherever that gains: NCHW float32/float64 CPU input
+    (resfast's loop) and inputs that need a gradient (only x saved, not also
+    the int64 indices). Everything else goes to F.max_pool2d."""
+    fast_loop = x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+    if x.dim() != 4 or x.numel() == 0 or not x.is_floating_point() or not (
+            fast_loop or (x.requires_grad and torch.is_grad_enabled())):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    args = max_pool_args(kernel_size, stride, padding, dilation)
+    zeros = torch.zeros(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                        device=x.device)
+    return torch.ops.resfast.norm_act_max_pool2d(x, zeros, torch.ones_like(zeros), zeros, *args, bool(ceil_mode),
+                                                 "identity", None)
