@@ -25,8 +25,8 @@ def test_timm_resnetv2_50(training):
     before = state(original)
     converted, report = resfast.convert(original)
     blocks = [f"stages.{i}.blocks.{j}" for i, n in enumerate([3, 4, 6, 3]) for j in range(n)]
-    assert report.replaced == [Replaced(b, "PreActBottleneck", "PreActBottleneck", 4 if j == 0 else 3)
-                               for b in blocks for j in [int(b[-1])]]
+    assert report.replaced == [Replaced("stem.pool", "MaxPool2d", "resfast MaxPool2d")] + [
+        Replaced(b, "PreActBottleneck", "PreActBottleneck", 4 if j == 0 else 3) for b in blocks for j in [int(b[-1])]]
     assert report.units == 16 * 3 + 4
     assert report.skipped == []
     for b in blocks:
@@ -36,6 +36,7 @@ def test_timm_resnetv2_50(training):
     for k, v in converted.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert type(converted.norm) is type(original.norm) and type(converted.stem) is type(original.stem)
+    assert type(converted.stem.pool) is resfast.nn.MaxPool2d
     # float64 and 64x64 (the last stage sees 2x2 maps): 50 randomised layers with
     # training-mode BatchNorm over batches of 2 amplify fp32 rounding far past its tolerance.
     # Eval gradients are covered by the basic-block test below; outputs suffice here (time).
@@ -54,7 +55,7 @@ def test_timm_basic_blocks_with_drop_path(training):
                bottle_ratio=1.0)
     original = randomize(TimmResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, **cfg))
     converted, report = resfast.convert(original)
-    assert [r.replacement for r in report.replaced] == ["PreActBasicBlock"] * 3
+    assert [r.replacement for r in report.replaced] == ["resfast MaxPool2d"] + ["PreActBasicBlock"] * 3
     compare_models(converted, original.double(), torch.randn(2, 3, 24, 20), training)
 
     original = randomize(TimmResNetV2(conv_layer=create_conv2d, norm_layer=BatchNormAct2d, drop_path_rate=0.2,

@@ -148,6 +148,19 @@ def test_monai_segresnet(spatial_dims, training):
 
 
 @TRAINING
+def test_monai_basic_unet_max_pools(training):
+    """InstanceNorm and LeakyReLU (not fused): only its max pools become resfast's."""
+    monai = pytest.importorskip("monai")
+    torch.manual_seed(0)
+    original = randomize(monai.networks.nets.BasicUNet(spatial_dims=2, in_channels=3, out_channels=2,
+                                                       features=(4, 4, 8, 8, 16, 4))).double()
+    converted, report = resfast.convert(original)
+    assert [r.replacement for r in report.replaced] == ["resfast MaxPool2d"] * 4, str(report)
+    compare_models(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), training,
+                   dtype=torch.float64, tol=TOL)
+
+
+@TRAINING
 def test_smp_unet(training):
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)

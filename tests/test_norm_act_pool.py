@@ -203,3 +203,19 @@ def test_max_pool2d_is_max_pool():
         assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, eager)))
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     assert _saved_bytes(lambda: resfast.ops.max_pool2d(x, 2)) <= x.numel() * 4 + 3 * 8 * 4
+
+
+def test_max_pool_module_is_a_drop_in():
+    torch.manual_seed(0)
+    for args in ((2,), (3, 2, 1), (3, 1, 1, 2, False, True)):
+        ours, torchs = resfast.nn.MaxPool2d(*args), nn.MaxPool2d(*args)
+        assert repr(ours).split("(", 1)[1] == repr(torchs).split("(", 1)[1] and ours.state_dict() == {}
+        for shape in ((2, 3, 9, 8), (3, 9, 8)):  # batched and unbatched
+            x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+            y, ref = ours(x), torchs(x)
+            if isinstance(ref, tuple):  # return_indices=True: torch's own
+                assert all(torch.equal(a, b) for a, b in zip(y, ref))
+                continue
+            grad = torch.randn_like(ref)
+            assert torch.equal(y, ref)
+            assert torch.equal(*(torch.autograd.grad(t, x, grad)[0] for t in (y, ref)))

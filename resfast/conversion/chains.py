@@ -257,7 +257,8 @@ def _chain_from(norm_node, scope):
             if pool is not None:
                 if len(user.args) != 1 or user.kwargs:
                     return None
-                mismatch = None if "unsupported" in (pool, kind) else pool_mismatch(scope.get_submodule(norm_node.target))
+                norm = scope.get_submodule(norm_node.target)
+                mismatch = None if "unsupported" in (pool, kind) else pool_mismatch(norm)
                 if mismatch:
                     reasons.append(mismatch)
                 nodes.append(user)

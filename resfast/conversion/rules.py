@@ -1,7 +1,7 @@
 """resfast.convert's block rules: known blocks that become resfast's own
 modules (which do more than fuse each chain: a dense block on one buffer, a
-pre-activation shared by two convolutions), and nn.GroupNorm on resfast's
-kernels. Each rule maps a module to a Replacement or returns None; a rule that
+pre-activation shared by two convolutions), and nn.GroupNorm and
+nn.MaxPool2d on resfast's kernels. Each rule maps a module to a Replacement or returns None; a rule that
 recognises a block it cannot map exactly raises Unsupported (reported), or
 returns None when chain fusion (resfast.conversion.chains) covers it instead
 (timm's pre-activation blocks)."""
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from resfast.conversion.units import Unsupported
-from resfast.nn import DenseBlock, GroupNorm, PreActBasicBlock, PreActBottleneck, Projection, Transition
+from resfast.nn import DenseBlock, GroupNorm, MaxPool2d, PreActBasicBlock, PreActBottleneck, Projection, Transition
 
 
 @dataclass
@@ -219,4 +219,13 @@ def _group_norm(module: nn.Module) -> Optional[Replacement]:
     return Replacement(new.train(module.training), [("", "GroupNorm", "resfast GroupNorm")])
 
 
-RULES: list = [_timm_preact_block, _torchvision_densenet, _timm_densenet, _group_norm]
+def _max_pool(module: nn.Module) -> Optional[Replacement]:
+    """nn.MaxPool2d (one no fused chain ends in) → resfast.nn.MaxPool2d: no
+    indices kept for backward, resfast's NCHW CPU loop."""
+    if type(module) is not nn.MaxPool2d or module.return_indices:
+        return None
+    new = MaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
+    return Replacement(new.train(module.training), [("", "MaxPool2d", "resfast MaxPool2d")])
+
+
+RULES: list = [_timm_preact_block, _torchvision_densenet, _timm_densenet, _group_norm, _max_pool]
