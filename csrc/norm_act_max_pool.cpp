@@ -12,6 +12,7 @@
 // input before the pool. The CPU has a kernel of its own for NCHW input
 // (csrc/cpu/norm_act_max_pool.cpp).
 #include <ATen/ATen.h>
+#include <ATen/native/Pool.h>
 #include <torch/library.h>
 
 #include "norm_act_max_pool.h"
@@ -44,11 +45,40 @@ at::Tensor per_channel(const at::Tensor& v) { return v.view({1, v.size(0), 1, 1}
 
 }  // namespace
 
+// Every window along one dimension holds at least one element of x: ATen
+// accepts dilated windows made only of padding (and returns -inf there),
+// which the pool-first normalisation would turn into a finite value.
+void check_windows(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, bool ceil_mode,
+                   const char* dim) {
+  TORCH_CHECK_VALUE(kernel >= 1 && stride >= 1 && padding >= 0 && dilation >= 1 && 2 * padding <= kernel,
+                    "kernel_size, stride, padding, dilation: expected kernel_size >= 1, stride >= 1, dilation >= 1 ",
+                    "and 0 <= padding <= kernel_size / 2, got ", kernel, ", ", stride, ", ", padding, ", ", dilation);
+  const int64_t out = at::native::pooling_output_shape<int64_t>(size, kernel, padding, stride, dilation, ceil_mode);
+  for (int64_t o = 0; o < out; ++o) {
+    bool covers = false;
+    for (int64_t i = 0; i < kernel && !covers; ++i) {
+      const int64_t at = o * stride - padding + i * dilation;
+      covers = at >= 0 && at < size;
+    }
+    TORCH_CHECK_VALUE(covers, "kernel_size, padding and dilation: window ", o, " along ", dim,
+                      " covers only padding (input size ", size, ")");
+  }
+}
+
 void check_pool_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
-                     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
+                     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                     c10::IntArrayRef dilation, bool ceil_mode, c10::string_view activation,
+                     const std::optional<at::Tensor>& batch_invstd) {
   check_activation_input(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D (N, C, H, W) tensor for a 2-D max pool, got ", x.dim(),
                     " dimensions");
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2 &&
+                        (stride.empty() || stride.size() == 2),
+                    "kernel_size, stride, padding and dilation: expected two ints each (stride may be empty)");
+  for (int d = 0; d < 2; ++d) {
+    check_windows(x.size(2 + d), kernel_size[d], stride.empty() ? kernel_size[d] : stride[d], padding[d],
+                  dilation[d], ceil_mode, d == 0 ? "height" : "width");
+  }
   check_norm_params(x, mean, scale, shift);
   TORCH_CHECK_VALUE(mean.dim() == 1, "mean, scale and shift: expected per-channel (", x.size(1),
                     ",) vectors (BatchNorm's), got ", mean.sizes());
@@ -80,7 +110,7 @@ at::Tensor norm_act_max_pool2d_aten(const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& shift, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
                                c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  check_pool_args(x, mean, scale, shift, activation, batch_invstd);
+  check_pool_args(x, mean, scale, shift, kernel_size, stride, padding, dilation, ceil_mode, activation, batch_invstd);
   const Activation act = parse_activation(activation);
   const auto format = kernel_format(x);
   if (!pools_first(act)) {
@@ -104,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_max_pool2d_backward_aten
     const at::Tensor& shift, c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, bool ceil_mode, c10::string_view activation,
     const std::optional<at::Tensor>& batch_invstd) {
-  check_pool_args(x, mean, scale, shift, activation, batch_invstd);
+  check_pool_args(x, mean, scale, shift, kernel_size, stride, padding, dilation, ceil_mode, activation, batch_invstd);
   const Activation act = parse_activation(activation);
   const auto acc = mean.scalar_type();
   const std::vector<int64_t> channel_dims{0, 2, 3};
@@ -135,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_max_pool2d_backward_aten
     grad_shift = dz.sum(channel_dims);
     grad_scale = (dz * centred).sum(channel_dims);
   }
-  at::Tensor grad_x = dz * per_channel(scale);
+  at::Tensor grad_x = dz.mul_(per_channel(scale));  // dz is this op's own temporary
   if (batch_invstd.has_value()) {
     // - scale * (grad_shift + (x - mean) * invstd^2 * grad_scale) / count, as x * a + b per channel.
     const double count = static_cast<double>(x.size(0) * spatial_numel(x));

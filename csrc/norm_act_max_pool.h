@@ -16,8 +16,12 @@ namespace resfast {
 // Activations the pool commutes with (non-decreasing): the pool runs on x.
 inline bool pools_first(Activation activation) { return activation != Activation::SiLU; }
 
+// The op's arguments, the same on every path: shapes and dtypes, two ints
+// per pool argument, and windows that each hold an element of x.
 void check_pool_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
-                     c10::string_view activation, const std::optional<at::Tensor>& batch_invstd);
+                     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                     c10::IntArrayRef dilation, bool ceil_mode, c10::string_view activation,
+                     const std::optional<at::Tensor>& batch_invstd);
 
 at::Tensor norm_act_max_pool2d_aten(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                                     const at::Tensor& shift, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,

@@ -219,3 +219,54 @@ def test_max_pool_module_is_a_drop_in():
             grad = torch.randn_like(ref)
             assert torch.equal(y, ref)
             assert torch.equal(*(torch.autograd.grad(t, x, grad)[0] for t in (y, ref)))
+
+
+def test_windows_of_padding_only_and_strided_vectors():
+    """A dilated window that covers only padding is refused (ATen returns
+    -inf there) on every path; the vectors may be any view."""
+    x = torch.randn(1, 3, 2, 6)
+    vectors = [torch.zeros(3), torch.ones(3), torch.zeros(3)]
+    for layout in (torch.contiguous_format, CL):
+        with pytest.raises(ValueError, match="covers only padding"):
+            torch.ops.resfast.norm_act_max_pool2d(x.contiguous(memory_format=layout), *vectors, [2, 2], [1, 1],
+                                                  [1, 1], [3, 1], False, "relu", None)
+    expanded = [torch.zeros(1).expand(3), torch.ones(1).expand(3), torch.full((6,), 0.5)[::2]]
+    y = torch.ops.resfast.norm_act_max_pool2d(x, *expanded, [2, 2], [2, 2], [0, 0], [1, 1], False, "identity", None)
+    assert torch.equal(y, F.max_pool2d(x, 2) + 0.5)
+
+
+def test_pool_arguments_as_torch_takes_them():
+    import numpy as np
+
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(resfast.ops.max_pool2d(x, np.int64(2), [2], (0,)), F.max_pool2d(x, 2))
+    with pytest.raises(ValueError, match="kernel_size"):
+        resfast.ops.max_pool2d(x, 2.5)
+
+
+def test_converted_and_resfast_models_still_trace_with_fx():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1)).eval()
+    converted, _ = resfast.convert(model)
+    assert type(converted[1]) is resfast.nn.MaxPool2d
+    x = torch.randn(2, 3, 11, 11)
+    features = create_feature_extractor(converted, return_nodes=["1", "2"])(x)
+    assert torch.equal(features["2"], model(x))
+    densenet = resfast.models.densenet121(num_classes=3).eval()
+    traced = torch.fx.symbolic_trace(densenet.features[:4])  # the stem, as torch modules
+    assert torch.equal(traced(x), densenet.features[:4](x))
+
+
+def test_densenet_stem_changed_by_the_user_runs_as_sequential():
+    from utils import randomize
+
+    torch.manual_seed(0)
+    model = randomize(resfast.models.densenet121(num_classes=3)).train()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    model.features.relu0.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    model(x)
+    assert seen == [(2, 64, 16, 16)]  # the hook ran: the stem was not fused
+    model.features.pool0 = nn.Identity()
+    assert model(x).shape == (2, 3)

@@ -26,9 +26,6 @@ struct Geometry {
 
 Geometry geometry(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                   c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK_VALUE(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2 &&
-                        (stride.empty() || stride.size() == 2),
-                    "kernel_size, stride, padding and dilation: expected two ints each");
   Geometry g{kernel_size[0], kernel_size[1], stride.empty() ? kernel_size[0] : stride[0],
              stride.empty() ? kernel_size[1] : stride[1], padding[0], padding[1], dilation[0], dilation[1],
              x.size(2), x.size(3), 0, 0};
@@ -69,7 +66,8 @@ struct RowScratch {
 // One output row of the pool: each window's maximum (minimum with Min) into
 // scratch.values and, with Where, its position in the plane into where,
 // chosen as ATen's max pool chooses: the first extreme in row-major scan
-// order (NaN wins). Separable: the window's rows are reduced column by
+// order. A NaN wins, as in ATen; with several NaNs in a window, ATen picks
+// the last in scan order, this the last column's last. Separable: the window's rows are reduced column by
 // column (contiguous), then each window's columns; both loops vectorise.
 template <bool Min, bool Where, typename scalar_t>
 void pool_row(const scalar_t* plane, const Geometry& g, int64_t oh, RowScratch<scalar_t>& scratch, int64_t* where) {
@@ -198,7 +196,7 @@ at::Tensor norm_act_max_pool2d(const at::Tensor& x, const at::Tensor& mean, cons
                                const at::Tensor& shift, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
                                c10::string_view activation, const std::optional<at::Tensor>& batch_invstd) {
-  check_pool_args(x, mean, scale, shift, activation, batch_invstd);
+  check_pool_args(x, mean, scale, shift, kernel_size, stride, padding, dilation, ceil_mode, activation, batch_invstd);
   if (!runs_here(x, activation)) {
     return norm_act_max_pool2d_aten(x, mean, scale, shift, kernel_size, stride, padding, dilation, ceil_mode,
                                     activation, batch_invstd);
@@ -207,9 +205,11 @@ at::Tensor norm_act_max_pool2d(const at::Tensor& x, const at::Tensor& mean, cons
   const int64_t n = x.size(0), c = x.size(1);
   at::Tensor out = at::empty({n, c, g.out_height, g.out_width}, x.options());
   const std::vector<double> scale_d = as_doubles(scale);
+  // The vectors are read by pointer: any strides (an expanded view) made plain.
+  const at::Tensor mean_c = mean.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_act_max_pool2d", [&] {
-    const scalar_t *in = x.const_data_ptr<scalar_t>(), *m = mean.const_data_ptr<scalar_t>(),
-                   *s = scale.const_data_ptr<scalar_t>(), *b = shift.const_data_ptr<scalar_t>();
+    const scalar_t *in = x.const_data_ptr<scalar_t>(), *m = mean_c.const_data_ptr<scalar_t>(),
+                   *s = scale_c.const_data_ptr<scalar_t>(), *b = shift_c.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     dispatch_activation(parse_activation(activation), [&](auto act) {
       constexpr Activation A = decltype(act)::value;
@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_max_pool2d_backward(
     const at::Tensor& shift, c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, bool ceil_mode, c10::string_view activation,
     const std::optional<at::Tensor>& batch_invstd) {
-  check_pool_args(x, mean, scale, shift, activation, batch_invstd);
+  check_pool_args(x, mean, scale, shift, kernel_size, stride, padding, dilation, ceil_mode, activation, batch_invstd);
   if (!runs_here(x, activation)) {
     return norm_act_max_pool2d_backward_aten(grad_out, x, mean, scale, shift, kernel_size, stride, padding, dilation,
                                              ceil_mode, activation, batch_invstd);
@@ -253,6 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_max_pool2d_backward(
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor grad_scale = at::empty({c}, mean.options()), grad_shift = at::empty({c}, mean.options());
   const std::vector<double> scale_d = as_doubles(scale);
+  // The vectors are read by pointer: any strides (an expanded view) made plain.
+  const at::Tensor mean_c = mean.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
   // Per output: the gradient of act's input, and where in x it goes (uninitialised: every element is written).
   const at::Tensor source_t = at::empty({planes * positions}, x.options().dtype(at::kLong));
   const at::Tensor dz_t = at::empty({planes * positions}, x.options());
@@ -260,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_max_pool2d_backward(
   std::vector<double> plane_sum(planes), plane_centred_sum(planes);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_act_max_pool2d_backward", [&] {
     scalar_t* dz = dz_t.mutable_data_ptr<scalar_t>();
-    const scalar_t *in = x.const_data_ptr<scalar_t>(), *m = mean.const_data_ptr<scalar_t>(),
-                   *s = scale.const_data_ptr<scalar_t>(), *b = shift.const_data_ptr<scalar_t>(),
+    const scalar_t *in = x.const_data_ptr<scalar_t>(), *m = mean_c.const_data_ptr<scalar_t>(),
+                   *s = scale_c.const_data_ptr<scalar_t>(), *b = shift_c.const_data_ptr<scalar_t>(),
                    *go = grad.const_data_ptr<scalar_t>();
     dispatch_activation(parse_activation(activation), [&](auto act) {
       constexpr Activation A = decltype(act)::value;

@@ -61,7 +61,7 @@ class Report:
 
     @property
     def units(self) -> int:
-        """Fused norm → act → conv units in the converted model."""
+        """Fused units in the converted model: norm → act → conv, and BatchNorm → act → max pool."""
         return sum(r.units for r in self.replaced)
 
     def __str__(self):

@@ -37,6 +37,7 @@ from torch import nn
 
 from resfast.conversion.units import Unsupported, activation_call_kind, activation_module_kind, conv_kind, \
     is_pass_through, norm_act_conv, norm_act_max_pool, norm_kind, pool_kind, pool_mismatch, rank_mismatch
+from resfast.nn.members import has_hooks
 
 
 def is_plain_sequential(m: nn.Module) -> bool:
@@ -70,11 +71,6 @@ def is_layer(m: nn.Module) -> bool:
     return all(_is_part(c) or (type(c).__module__.startswith("torch.nn.") and not list(c.children()))
                for c in children)
 
-
-def has_hooks(m: nn.Module) -> bool:
-    """Forward or backward hooks (pruning's, quantisation observers'): a
-    fused chain would not call the module, so they would never run."""
-    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 # ---------------------------------------------------------------- call signatures

@@ -179,7 +179,6 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, conv: nn.Conv2d, activation:
     return affine_conv(x, affine, conv, weight, conv.bias, None, activation)
 
 
-
 def norm_act_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.MaxPool2d, activation: str) -> torch.Tensor:
     """pool(act(norm(x))) as one resfast op: what a converted model's forward calls in place of the chain."""
     return batch_norm_max_pool(norm, pool, x, activation)

@@ -10,20 +10,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from resfast.nn.dense import DenseBlock, Transition
+from resfast.nn.members import has_hooks
 from resfast.nn.norm_conv import batch_norm_max_pool
 
 
 class Features(nn.Sequential):
     """torchvision's `features` Sequential (conv0, norm0, relu0, pool0, the
     dense blocks and transitions, norm5), with the stem's norm0 → relu0 →
-    pool0 applied as one op that saves only its input."""
+    pool0 applied as one op that saves only its input. A stem changed by the
+    user (other modules, hooks, a slice) and torch.fx traces get
+    nn.Sequential's forward."""
+
+    def _fused_stem(self):
+        names = list(self._modules)[:4]
+        if names != ["conv0", "norm0", "relu0", "pool0"] or torch.fx._symbolic_trace.is_fx_tracing():
+            return None
+        norm, relu, pool = (self._modules[n] for n in names[1:])
+        if type(norm) is not nn.BatchNorm2d or type(relu) is not nn.ReLU or type(pool) is not nn.MaxPool2d \
+                or pool.return_indices or any(has_hooks(m) for m in (norm, relu, pool)):
+            return None
+        return norm, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = iter(self._modules.values())
-        x = next(modules)(x)
-        norm, _, pool = next(modules), next(modules), next(modules)
-        x = batch_norm_max_pool(norm, pool, x, "relu")
-        for module in modules:
+        stem = self._fused_stem()
+        if stem is None:
+            return super().forward(x)
+        modules = list(self._modules.values())
+        x = batch_norm_max_pool(*stem, modules[0](x), "relu")
+        for module in modules[4:]:
             x = module(x)
         return x
 

@@ -36,3 +36,9 @@ def child(module: nn.Module, name: str) -> nn.Module:
     """getattr(module, name) for a submodule of one of resfast's own modules,
     none of which defines a submodule's name as a class attribute."""
     return module._modules[name]
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Forward or backward hooks (pruning's, quantisation observers'): a
+    fused op that reads the module instead of calling it would skip them."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)

@@ -5,6 +5,9 @@ from torch import nn
 
 from resfast.ops import max_pool2d
 
+# A leaf of torch.fx traces (feature extraction of converted models): its dispatch reads tensor properties.
+torch.fx.wrap("max_pool2d")
+
 
 class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d, same arguments, whose backward recomputes the pool's

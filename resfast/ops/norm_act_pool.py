@@ -2,6 +2,8 @@
 as one op that saves only x and the per-channel vectors
 (csrc/norm_act_max_pool.cpp: the kernels, in ATen ops for every device)."""
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
@@ -18,13 +20,19 @@ registry.define("norm_act_max_pool2d_backward", composite="explicit")
 def max_pool_args(kernel_size, stride=None, padding=0, dilation=1):
     """nn.MaxPool2d's kernel_size, stride (None or empty: the kernel size),
     padding and dilation as the op's int lists, checked as F.max_pool2d checks them."""
-    kernel_size = list(_pair(kernel_size))
-    stride = kernel_size if stride is None or stride == [] or stride == () else list(_pair(stride))
-    padding, dilation = list(_pair(padding)), list(_pair(dilation))
-    for name, values, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
-                              ("dilation", dilation, 1)):
-        if len(values) != 2 or not all(isinstance(v, int) and v >= low for v in values):
-            raise ValueError(f"{name}: expected one or two ints >= {low}, got {values}")
+    def pair(name, value, low):
+        values = list(_pair(value))
+        try:
+            values = [operator.index(v) for v in values * (2 if len(values) == 1 else 1)]
+        except TypeError:
+            values = None
+        if values is None or len(values) != 2 or min(values) < low:
+            raise ValueError(f"{name}: expected one or two ints >= {low}, got {value!r}")
+        return values
+
+    kernel_size = pair("kernel_size", kernel_size, 1)
+    stride = kernel_size if stride is None or len(_pair(stride)) == 0 else pair("stride", stride, 1)
+    padding, dilation = pair("padding", padding, 0), pair("dilation", dilation, 1)
     if any(2 * p > k for p, k in zip(padding, kernel_size)):
         raise ValueError(f"padding: expected at most half the kernel size {kernel_size}, got {padding}")
     return kernel_size, stride, padding, dilation
@@ -46,12 +54,12 @@ def norm_act_max_pool2d(x: torch.Tensor, affine: NormAffine, kernel_size, stride
 
 def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> torch.Tensor:
     """F.max_pool2d(x, ...) as norm_act_max_pool2d with the identity
-    normalisation (exact), wherever that gains: NCHW float32/float64 CPU input
-    (resfast's loop) and inputs that need a gradient (only x saved, not also
-    the int64 indices). Everything else goes to F.max_pool2d."""
-    fast_loop = x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-    if x.dim() != 4 or x.numel() == 0 or not x.is_floating_point() or not (
-            fast_loop or (x.requires_grad and torch.is_grad_enabled())):
+    normalisation, on CPU tensors: the same values (a -0.0 maximum comes out
+    +0.0) and, as ATen chooses them, the same gradients; only x is saved (not
+    also the int64 indices), and NCHW float32/float64 input runs resfast's
+    loop. Other devices go to F.max_pool2d: there the op is ATen calls
+    around the same pool, and costs more than it saves."""
+    if not x.is_cpu or x.dim() != 4 or x.numel() == 0 or not x.is_floating_point():
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
     args = max_pool_args(kernel_size, stride, padding, dilation)
     zeros = torch.zeros(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
